@@ -1,0 +1,1 @@
+"""funnelgate: an ActionKit-compatible tool endpoint that delivers conversion events to Meta."""

@@ -1,0 +1,183 @@
+"""The Graph API client: POST /{version}/{pixel}/events with retries by error class.
+
+One `httpx.AsyncClient` per process. Its transport is aiohttp's (httpx's own pool collapses
+under concurrency: measurements.md, encode/httpx#3215); tests swap in `httpx.MockTransport`.
+The access token travels in the JSON body, never in the URL, so it cannot reach access logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+
+from server.config import GraphSettings
+from server.delivery.policy import Verdict, backoff_seconds, classify
+from server.errors import UpstreamAuth, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from server.logs import elapsed_ms, log
+from tools.base import EventBatch
+
+PARTNER_AGENT = "funnelgate"
+# Do not start an attempt with less time than this left before the deadline.
+_MIN_ATTEMPT_SECONDS = 0.1
+_UPSTREAM_KEYS = (
+    "message", "type", "code", "error_subcode", "error_user_title", "error_user_msg",
+    "fbtrace_id", "is_transient",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One request to the /events edge: the events and the credentials to send them with."""
+
+    batch: EventBatch
+    access_token: str = field(repr=False)
+    app_secret: str | None = field(default=None, repr=False)
+
+
+def request_body(delivery: Delivery) -> dict[str, Any]:
+    """The JSON body Graph receives, token and appsecret_proof included."""
+    batch = delivery.batch
+    body: dict[str, Any] = {"data": batch.events, "partner_agent": PARTNER_AGENT}
+    if batch.test_event_code:
+        body["test_event_code"] = batch.test_event_code
+    body["access_token"] = delivery.access_token
+    if delivery.app_secret:
+        body["appsecret_proof"] = hmac.new(
+            delivery.app_secret.encode(), delivery.access_token.encode(), hashlib.sha256
+        ).hexdigest()
+    return body
+
+
+def default_transport(settings: GraphSettings) -> httpx.AsyncBaseTransport:
+    from httpx_aiohttp import AiohttpTransport  # noqa: PLC0415 - aiohttp loads only when used
+
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+        keepalive_expiry=30,
+    )
+    return AiohttpTransport(limits=limits)
+
+
+@dataclass
+class _Attempt:
+    verdict: Verdict
+    status: int | None = None
+    payload: dict[str, Any] | None = None
+    failure: str = ""  # "timeout" or "connection" when no answer came back
+
+
+class GraphClient:
+    def __init__(
+        self,
+        settings: GraphSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._settings = settings
+        self._client = httpx.AsyncClient(
+            transport=transport or default_transport(settings),
+            timeout=httpx.Timeout(settings.timeout_seconds),
+            headers={"content-type": "application/json", "user-agent": PARTNER_AGENT},
+        )
+        self._sleep = sleep
+        self._rand = rand
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def url(self, pixel_id: str) -> str:
+        s = self._settings
+        return f"{s.base_url}/{s.api_version}/{quote(pixel_id, safe='')}/events"
+
+    async def send(self, delivery: Delivery, *, project_id: str) -> dict[str, Any]:
+        """Meta's success body; raises an UpstreamError once retrying cannot help.
+
+        Every attempt sends the same bytes, so event_ids stay stable for deduplication.
+        """
+        url = self.url(delivery.batch.pixel_id)
+        content = orjson.dumps(request_body(delivery))
+        deadline = time.monotonic() + self._settings.retry_deadline_seconds
+        attempt = 0
+        while True:
+            attempt += 1
+            budget = min(self._settings.timeout_seconds, deadline - time.monotonic())
+            started = time.perf_counter()
+            result = await self._attempt(url, content, budget)
+            error = (result.payload or {}).get("error") or {}
+            log(
+                "graph_attempt",
+                project=project_id,
+                pixel=delivery.batch.pixel_id,
+                attempt=attempt,
+                status=result.status,
+                verdict=result.verdict.value,
+                failure=result.failure or None,
+                code=error.get("code"),
+                subcode=error.get("error_subcode"),
+                fbtrace_id=(result.payload or error).get("fbtrace_id"),
+                duration_ms=elapsed_ms(started),
+            )
+            if result.verdict is Verdict.DELIVERED and result.payload is not None:
+                return result.payload
+            if result.verdict is not Verdict.RETRY:
+                raise _final_error(result, attempt)
+            delay = backoff_seconds(attempt, rand=self._rand)
+            if time.monotonic() + delay + _MIN_ATTEMPT_SECONDS > deadline:
+                raise _final_error(result, attempt)
+            await self._sleep(delay)
+
+    async def _attempt(self, url: str, content: bytes, budget: float) -> _Attempt:
+        try:
+            async with asyncio.timeout(budget):
+                response = await self._client.post(url, content=content)
+        except (TimeoutError, httpx.TimeoutException):
+            return _Attempt(Verdict.RETRY, failure="timeout")
+        except httpx.TransportError:
+            return _Attempt(Verdict.RETRY, failure="connection")
+        try:
+            payload = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict):
+            # An answer that is not Graph's JSON (a proxy page, a truncated body): transient.
+            return _Attempt(Verdict.RETRY, status=response.status_code, failure="bad_response")
+        error = payload.get("error")
+        verdict = classify(response.status_code, error if isinstance(error, dict) else {})
+        return _Attempt(verdict, status=response.status_code, payload=payload)
+
+
+def _final_error(result: _Attempt, attempts: int) -> UpstreamError:
+    error = (result.payload or {}).get("error") or {}
+    upstream: dict[str, Any] = {k: error[k] for k in _UPSTREAM_KEYS if k in error}
+    upstream["http_status"] = result.status
+    upstream["attempts"] = attempts
+    meta_says = error.get("error_user_msg") or error.get("message") or ""
+    if result.verdict is Verdict.REJECTED:
+        return UpstreamRejected(f"Meta rejected the event: {meta_says}".rstrip(": "), upstream)
+    if result.verdict is Verdict.AUTH:
+        return UpstreamAuth(
+            f"Meta refused the access token or its permissions: {meta_says}".rstrip(": "),
+            upstream,
+        )
+    what = {"timeout": "timed out", "connection": "could not connect"}.get(
+        result.failure, f"answered HTTP {result.status}"
+    )
+    return UpstreamUnavailable(
+        f"Meta's Graph API is unavailable ({what}; gave up after {attempts} attempt"
+        f"{'s' if attempts > 1 else ''}). Safe to retry with the same event_id.",
+        upstream,
+        status=504 if result.failure == "timeout" else 502,
+    )

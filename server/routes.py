@@ -1,0 +1,84 @@
+"""HTTP endpoints: turn requests into plain data for the runner and answers back into JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.auth import bearer_token, verify_user_token
+from server.config import Project
+from server.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from server.runner import Runner
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+def _project(request: Request) -> Project:
+    project_id = request.path_params["project_id"]
+    project: Project | None = request.app.state.config.projects.get(project_id)
+    if project is None:
+        raise NotFound("Unknown project.", code="UNKNOWN_PROJECT")
+    request.state.project = project.id
+    return project
+
+
+async def read_json_body(request: Request) -> Any:
+    """The parsed body: JSON only, at most 1 MiB (checked while reading, not just by header)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise UnsupportedMediaType("Send the body as JSON with Content-Type: application/json.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge("The request body is larger than 1 MiB.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge("The request body is larger than 1 MiB.")
+        chunks.append(chunk)
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.") from None
+
+
+async def _run(request: Request, name_key: str) -> Response:
+    project = _project(request)
+    user_id = verify_user_token(bearer_token(request.headers.get("authorization")), project)
+    body = await read_json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="INVALID_REQUEST")
+    other_key = "action" if name_key == "tool" else "tool"
+    tool_name = body.get(name_key, body.get(other_key))
+    if not isinstance(tool_name, str) or not tool_name:
+        raise BadRequest(f"The request body needs a '{name_key}' string.", code="INVALID_REQUEST")
+    request.state.tool = tool_name
+    if "parameters" not in body:
+        raise BadRequest("The request body needs a 'parameters' object.", code="INVALID_REQUEST")
+    runner: Runner = request.app.state.runner
+    answer = await runner.run(project, user_id, tool_name, body["parameters"])
+    request.state.fbtrace_id = answer.get("fbtrace_id")
+    return json_response(answer)
+
+
+async def run_tool(request: Request) -> Response:
+    return await _run(request, "tool")
+
+
+async def run_action(request: Request) -> Response:
+    """The legacy ActionKit path: `action` instead of `tool`, identical otherwise."""
+    return await _run(request, "action")
+
+
+async def healthz(_: Request) -> Response:
+    return json_response({"status": "ok"})

@@ -1,0 +1,1 @@
+"""Persistent state: the SQLite database beside the config file."""

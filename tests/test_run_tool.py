@@ -1,0 +1,337 @@
+"""Run Tool in-process: the real app, Graph faked at the transport; asserts the exact bytes sent."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from starlette.testclient import TestClient
+
+from server.app import create_app
+from server.storage.credentials import CredentialStore
+from tests.conftest import (
+    NOW,
+    PIXEL,
+    PROJECT,
+    FakeGraph,
+    funnel_parameters,
+    graph_error,
+    make_config,
+)
+
+URL = f"/projects/{PROJECT}/tools"
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def call(client: TestClient, sign: Callable[..., str], parameters: object, *, path: str = URL,
+         key: str = "tool", tool: str = "FACEBOOK_ADS_SEND_FUNNEL_EVENT") -> httpx.Response:  # fmt: skip
+    return client.post(
+        path,
+        json={key: tool, "parameters": parameters},
+        headers={"Authorization": f"Bearer {sign()}"},
+    )
+
+
+def test_success_sends_exactly_the_mapped_event_and_unwraps_metas_answer(client, graph, sign):
+    response = call(client, sign, funnel_parameters())
+
+    assert response.status_code == 200
+    assert response.json() == {"events_received": 1, "messages": [], "fbtrace_id": "AbC123"}
+    [request] = graph.requests
+    assert str(request.url) == f"https://graph.example.test/v24.0/{PIXEL}/events"
+    assert request.url.query == b""  # the token never travels in the URL
+    assert request.headers["content-type"] == "application/json"
+    assert graph.bodies()[0] == {
+        "data": [
+            {
+                "event_name": "Purchase",
+                "event_time": 1_794_981_600,  # 2026-11-18T06:00:00Z
+                "action_source": "website",
+                "event_id": "order-1001",
+                "event_source_url": "https://shop.example.com/thanks",
+                "user_data": {
+                    "em": [sha("joe.smith@example.com")],
+                    "fn": [sha("joe")],
+                    "ln": [sha("smith")],
+                    "ct": [sha("sanfrancisco")],
+                    "st": [sha("ca")],
+                    "country": [sha("us")],
+                    "external_id": [sha("crm-42")],
+                    "client_ip_address": "203.0.113.7",
+                    "client_user_agent": "Mozilla/5.0 (Macintosh)",
+                    "fbc": "fb.1.1554763741205.AbCdEfGhIjKlMnOp",
+                    "fbp": "fb.1.1558571054389.1098115397",
+                },
+                "custom_data": {
+                    "content_ids": ["ABC123", "XYZ789"],
+                    "content_name": "Lettuce",
+                    "content_category": "Grocery",
+                },
+            }
+        ],
+        "partner_agent": "funnelgate",
+        "access_token": "EAAB-project-token",
+    }
+
+
+def test_legacy_actions_path_behaves_identically(client, graph, sign):
+    response = call(
+        client, sign, funnel_parameters(), path=f"/projects/{PROJECT}/actions", key="action"
+    )
+    assert response.status_code == 200
+    assert response.json()["events_received"] == 1
+    assert graph.bodies()[0]["data"][0]["event_id"] == "order-1001"
+
+
+def test_minimal_event_gets_the_current_time_and_a_generated_event_id(client, graph, sign):
+    parameters = {"pixel": PIXEL, "eventName": "Lead", "actionSource": "email",
+                  "customerEmail": "a@b.co", "eventTime": "", "eventId": ""}  # fmt: skip
+    assert call(client, sign, parameters).status_code == 200
+    event = graph.bodies()[0]["data"][0]
+    assert event["event_time"] == int(NOW)
+    assert len(event["event_id"]) == 32
+    assert event["user_data"] == {"em": [sha("a@b.co")]}
+    assert "custom_data" not in event and "event_source_url" not in event
+
+
+def test_already_hashed_values_pass_through_and_empty_strings_are_dropped(client, graph, sign):
+    hashed = sha("joe@example.com").upper()
+    parameters = funnel_parameters(customerEmail=hashed, customerFirstName="  ", customerCity="")
+    assert call(client, sign, parameters).status_code == 200
+    user_data = graph.bodies()[0]["data"][0]["user_data"]
+    assert user_data["em"] == [hashed.lower()]
+    assert "fn" not in user_data and "ct" not in user_data
+
+
+def violations(response: httpx.Response) -> dict[str, str]:
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == "INVALID_PARAMETERS" and body["retryable"] is False
+    return {e["path"]: e["message"] for e in body["errors"]}
+
+
+def test_schema_violations_are_all_reported_and_nothing_is_sent(client, graph, sign):
+    response = call(client, sign, {"actionSource": "web", "eventTime": 5, "customerEmial": "x"})
+    assert violations(response) == {
+        "parameters.actionSource": "must be one of: website, chat, app, email, phone_call, "
+        "system_generated, other",
+        "parameters.eventName": "is required",
+        "parameters.pixel": "is required",
+        "parameters.eventTime": "must be of type string",
+        "parameters.customerEmial": "is not a parameter of FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+    }
+    assert graph.requests == []
+
+
+def test_parameters_must_be_an_object(client, graph, sign):
+    assert violations(call(client, sign, ["x"])) == {"parameters": "must be of type object"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path", "fragment"),
+    [
+        (
+            {"eventSourceUrl": None},
+            "parameters.eventSourceUrl",
+            "required when actionSource is website",
+        ),
+        ({"customerClientUserAgent": ""}, "parameters.customerClientUserAgent", "required when"),
+        ({"eventSourceUrl": "shop.example.com"}, "parameters.eventSourceUrl", "http"),
+        ({"eventTime": "2026-11-10T00:00:00Z"}, "parameters.eventTime", "more than 7 days"),
+        ({"eventTime": "2026-11-18T11:10:00Z"}, "parameters.eventTime", "in the future"),
+        ({"eventTime": "yesterday"}, "parameters.eventTime", "ISO 8601"),
+        ({"pixel": "../../me"}, "parameters.pixel", "numeric"),
+        ({"eventName": "  "}, "parameters.eventName", "must not be empty"),
+        ({"customerEmail": "joe-at-example"}, "parameters.customerEmail", "not an email"),
+        ({"customerCountryCode": "Atlantis"}, "parameters.customerCountryCode", "ISO 3166-1"),
+        ({"customerClientIpAddress": "999.1.1.1"}, "parameters.customerClientIpAddress", "IP"),
+        ({"contentId": "['ABC"}, "parameters.contentId", "unbalanced"),
+    ],
+)
+def test_what_meta_would_reject_is_refused_with_the_field_path(
+    client, graph, sign, overrides, path, fragment
+):
+    found = violations(call(client, sign, funnel_parameters(**overrides)))
+    assert fragment in found[path]
+    assert graph.requests == []
+
+
+def test_event_needs_a_customer_identifier(client, graph, sign):
+    parameters = {"pixel": PIXEL, "eventName": "Lead", "actionSource": "chat"}
+    assert (
+        "at least one customer identifier"
+        in violations(call(client, sign, parameters))["parameters"]
+    )
+    assert graph.requests == []
+
+
+def test_baseline_matching_rule_refuses_location_only_customers(client, graph, sign):
+    parameters = {"pixel": PIXEL, "eventName": "Lead", "actionSource": "chat",
+                  "customerCity": "Paris", "customerCountryCode": "FR"}  # fmt: skip
+    assert "baseline matching" in violations(call(client, sign, parameters))["parameters"]
+    assert graph.requests == []
+
+
+def test_errors_never_echo_customer_data(client, sign):
+    response = call(
+        client, sign, funnel_parameters(customerEmail="secret-person-at-nowhere", eventTime=7)
+    )
+    assert response.status_code == 400
+    assert "secret-person" not in response.text
+
+
+def test_unconnected_user_gets_integration_not_enabled(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph, sign
+):
+    config = make_config(tmp_path, rsa_key)  # no project-wide token
+    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    with TestClient(app) as client:
+        response = call(client, sign, funnel_parameters())
+        assert response.status_code == 400
+        assert response.json()["code"] == "INTEGRATION_NOT_ENABLED"
+        assert response.json()["message"] == "Integration not enabled for user."
+        assert graph.requests == []
+
+        CredentialStore(config.database_path).set(PROJECT, "user-1", "EAAB-user-token")
+        assert call(client, sign, funnel_parameters()).status_code == 200
+        assert graph.bodies()[0]["access_token"] == "EAAB-user-token"
+
+
+def test_users_own_credential_wins_and_app_secret_adds_proof(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph, sign
+):
+    config = make_config(
+        tmp_path, rsa_key, facebook_access_token="EAAB-project", facebook_app_secret="s3cret"
+    )
+    CredentialStore(config.database_path).set(PROJECT, "user-1", "EAAB-user")
+    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    with TestClient(app) as client:
+        assert call(client, sign, funnel_parameters()).status_code == 200
+    body = graph.bodies()[0]
+    assert body["access_token"] == "EAAB-user"
+    assert body["appsecret_proof"] == hmac.new(b"s3cret", b"EAAB-user", hashlib.sha256).hexdigest()
+
+
+def test_transient_error_is_retried_with_the_same_event_id(client, graph, sign):
+    graph.script = [graph_error(500, 2, is_transient=True)]
+    response = call(client, sign, funnel_parameters(eventId=None))
+    assert response.status_code == 200
+    first, second = graph.requests
+    assert first.content == second.content  # same bytes, so the same generated event_id
+
+
+@pytest.mark.parametrize("code", [1, 2, 4, 17, 341, 368, 613])
+def test_transient_codes_are_retried(client, graph, sign, code):
+    graph.script = [graph_error(400, code)]
+    assert call(client, sign, funnel_parameters()).status_code == 200
+    assert len(graph.requests) == 2
+
+
+def test_permanent_rejection_is_not_retried_and_carries_metas_details(client, graph, sign):
+    graph.script = [
+        graph_error(400, 100, error_subcode=2804050, error_user_msg="Insufficient info")
+    ]
+    response = call(client, sign, funnel_parameters())
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "UPSTREAM_REJECTED" and body["retryable"] is False
+    assert body["event_ids"] == ["order-1001"]
+    assert body["upstream"] == {
+        "message": "(#100) test error", "type": "OAuthException", "code": 100,
+        "error_subcode": 2804050, "error_user_msg": "Insufficient info",
+        "fbtrace_id": "ErrTrace", "http_status": 400, "attempts": 1,
+    }  # fmt: skip
+    assert len(graph.requests) == 1
+
+
+@pytest.mark.parametrize("code", [190, 102, 10, 200, 294, 3])
+def test_token_and_permission_errors_are_upstream_auth(client, graph, sign, code):
+    graph.script = [graph_error(400, code)]
+    response = call(client, sign, funnel_parameters())
+    assert (response.status_code, response.json()["code"]) == (502, "UPSTREAM_AUTH")
+    assert len(graph.requests) == 1
+
+
+def test_giving_up_on_5xx_is_502_unavailable_and_retryable(tmp_path, rsa_key, sign):
+    config = make_config(tmp_path, rsa_key, facebook_access_token="t")
+    graph = FakeGraph(script=[lambda _r: httpx.Response(503, text="<html>busy</html>")] * 100)
+    config = type(config)(
+        **{**config.__dict__, "graph": type(config.graph)(retry_deadline_seconds=0.8)}
+    )
+    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    with TestClient(app) as client:
+        response = call(client, sign, funnel_parameters())
+    body = response.json()
+    assert (response.status_code, body["code"], body["retryable"]) == (
+        502,
+        "UPSTREAM_UNAVAILABLE",
+        True,
+    )
+    assert body["upstream"]["attempts"] == len(graph.requests) >= 2
+    assert len({r.content for r in graph.requests}) == 1
+
+
+def test_timeouts_end_in_504(tmp_path, rsa_key, sign):
+    config = make_config(tmp_path, rsa_key, facebook_access_token="t")
+    settings = type(config.graph)(timeout_seconds=0.05, retry_deadline_seconds=0.4)
+    config = type(config)(**{**config.__dict__, "graph": settings})
+
+    def hang(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    app = create_app(config, graph_transport=httpx.MockTransport(hang), clock=lambda: NOW)
+    with TestClient(app) as client:
+        response = call(client, sign, funnel_parameters())
+    assert (response.status_code, response.json()["code"]) == (504, "UPSTREAM_UNAVAILABLE")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "INVALID_JSON"),
+        ({"content": b"[1]", "headers": {"content-type": "application/json"}}, 400, "INVALID_REQUEST"),
+        ({"json": {"parameters": {}}}, 400, "INVALID_REQUEST"),
+        ({"json": {"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT"}}, 400, "INVALID_REQUEST"),
+        ({"json": {"tool": "NOPE", "parameters": {}}}, 404, "UNKNOWN_TOOL"),
+        ({"content": b"tool=x", "headers": {"content-type": "text/plain"}}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        ({"content": b"[" + b"1," * 600_000 + b"1]", "headers": {"content-type": "application/json"}},
+         413, "PAYLOAD_TOO_LARGE"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_json_errors_with_stable_codes(client, graph, sign, kwargs, status, code):
+    headers = {"Authorization": f"Bearer {sign()}", **kwargs.pop("headers", {})}
+    response = client.post(URL, headers=headers, **kwargs)
+    assert (response.status_code, response.json()["code"]) == (status, code)
+    assert response.json()["message"]
+    assert graph.requests == []
+
+
+def test_body_over_1_mib_without_content_length_is_refused(client, sign):
+    def chunks():
+        for _ in range(20):
+            yield b" " * 65536
+
+    response = client.post(
+        URL,
+        content=chunks(),
+        headers={"Authorization": f"Bearer {sign()}", "content-type": "application/json"},
+    )
+    assert (response.status_code, response.json()["code"]) == (413, "PAYLOAD_TOO_LARGE")
+
+
+def test_unknown_project_route_and_method_are_json_errors(client, sign):
+    assert client.post("/projects/nope/tools", json={}).json()["code"] == "UNKNOWN_PROJECT"
+    assert client.get("/nowhere").json()["code"] == "NOT_FOUND"
+    assert client.get(URL).json()["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_healthz(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
