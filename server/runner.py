@@ -13,7 +13,7 @@ from server.delivery.graph import Delivery, GraphClient
 from server.errors import IntegrationNotEnabled, NotFound, UpstreamError
 from server.storage.credentials import CredentialStore
 from server.validation import ParameterValidator
-from tools.base import BuildContext, Tool
+from tools.base import BuildContext, EventBatch, Tool
 
 
 def new_event_id() -> str:
