@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,7 +28,7 @@ from server.logs import elapsed_ms, log
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
 from server.storage.credentials import CredentialStore
-from tools.catalog import load_tools
+from tools.catalog import OPENAPI_PATH, load_tools
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
 
@@ -39,7 +40,8 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The ASGI app. `graph_transport` replaces the network to Graph (tests use MockTransport)."""
-    tools = load_tools()
+    openapi_bytes = OPENAPI_PATH.read_bytes()
+    tools = load_tools(orjson.loads(openapi_bytes))
     graph_settings = config.graph
     extra_routes: list[Route | Mount] = []
     if config.graph.sandbox:
@@ -63,13 +65,17 @@ def create_app(
         routes=[
             Route("/projects/{project_id}/tools", routes.run_tool, methods=["POST"]),
             Route("/projects/{project_id}/actions", routes.run_action, methods=["POST"]),
+            Route("/projects/{project_id}/tools", routes.list_tools, methods=["GET"]),
+            Route("/projects/{project_id}/actions", routes.list_actions, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/openapi.json", routes.openapi, methods=["GET"]),
             *extra_routes,
         ],
         exception_handlers={FunnelgateError: _error_response, HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.openapi_bytes = openapi_bytes
     app.add_middleware(RequestLog)
     return app
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import phonenumbers
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -39,6 +40,8 @@ class Project:
     public_key: PublicKey = field(repr=False)
     facebook_access_token: str | None = field(default=None, repr=False)
     facebook_app_secret: str | None = field(default=None, repr=False)
+    default_phone_region: str | None = None  # ISO alpha-2: national phone numbers' country
+    test_event_code: str | None = None  # sends every event to Meta's Test Events tool
 
 
 @dataclass(frozen=True)
@@ -156,11 +159,20 @@ def _project(item: Any, base_dir: Path, where: str) -> Project:
         raise ConfigError(f"{where}: {origin} must be an RSA or EC (P-256) public key")
     if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve, ec.SECP256R1):
         raise ConfigError(f"{where}: {origin} must use the P-256 curve for ES256")
-    token = item.get("facebook_access_token")
-    secret = item.get("facebook_app_secret")
-    for name, value in (("facebook_access_token", token), ("facebook_app_secret", secret)):
+    optional = ("facebook_access_token", "facebook_app_secret", "default_phone_region",
+                "test_event_code")  # fmt: skip
+    for name in optional:
+        value = item.get(name)
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"{where}: {name} must be a non-empty string")
+    region = item.get("default_phone_region")
+    if region is not None and region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        raise ConfigError(f"{where}: default_phone_region must be an ISO 3166-1 alpha-2 code")
     return Project(
-        id=project_id, public_key=key, facebook_access_token=token, facebook_app_secret=secret
+        id=project_id,
+        public_key=key,
+        facebook_access_token=item.get("facebook_access_token"),
+        facebook_app_secret=item.get("facebook_app_secret"),
+        default_phone_region=region.upper() if region else None,
+        test_event_code=item.get("test_event_code"),
     )

@@ -11,7 +11,9 @@ from starlette.responses import Response
 from server.auth import bearer_token, verify_user_token
 from server.config import Project
 from server.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from server.listing import FORMATS, as_function, as_paragon
 from server.runner import Runner
+from tools.catalog import CATEGORIES
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -66,9 +68,64 @@ async def _run(request: Request, name_key: str) -> Response:
     if "parameters" not in body:
         raise BadRequest("The request body needs a 'parameters' object.", code="INVALID_REQUEST")
     runner: Runner = request.app.state.runner
+    if _flag(request, "dry_run", default=False):
+        return json_response(runner.dry_run(project, user_id, tool_name, body["parameters"]))
     answer = await runner.run(project, user_id, tool_name, body["parameters"])
+    if isinstance(answer, str):  # a tool's human format, e.g. response_format=markdown
+        return Response(answer, media_type="text/markdown; charset=utf-8")
     request.state.fbtrace_id = answer.get("fbtrace_id")
     return json_response(answer)
+
+
+def _flag(request: Request, name: str, *, default: bool) -> bool:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise BadRequest(f"Query parameter {name} must be true or false.", code="INVALID_REQUEST")
+
+
+def _csv(request: Request, name: str) -> set[str]:
+    return {part.strip() for part in request.query_params.get(name, "").split(",") if part.strip()}
+
+
+async def _list(request: Request, keys: tuple[str, ...]) -> Response:
+    project = _project(request)
+    user_id = verify_user_token(bearer_token(request.headers.get("authorization")), project)
+    fmt = request.query_params.get("format", "json_schema")
+    if fmt not in FORMATS:
+        raise BadRequest(f"format must be one of: {', '.join(FORMATS)}.", code="INVALID_REQUEST")
+    describe = as_function if fmt == "json_schema" else as_paragon
+    integrations, categories = _csv(request, "integrations"), _csv(request, "categories")
+    runner: Runner = request.app.state.runner
+    available = runner.has_credential(project, user_id)
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for tool in runner.tools.values():
+        if integrations and tool.integration not in integrations:
+            continue
+        if categories and not categories & set(CATEGORIES.get(tool.integration, ())):
+            continue
+        if _flag(request, "limit_to_available", default=True) and not available:
+            continue
+        grouped.setdefault(tool.integration, []).append(describe(tool))
+    return json_response({**{key: grouped for key in keys}, "errors": []})
+
+
+async def list_tools(request: Request) -> Response:
+    """Answers under both `tools` and `actions`: ActionKit's docs disagree on the key, and
+    clients written against either must keep working."""
+    return await _list(request, ("tools", "actions"))
+
+
+async def list_actions(request: Request) -> Response:
+    return await _list(request, ("actions",))
+
+
+async def openapi(request: Request) -> Response:
+    return Response(request.app.state.openapi_bytes, media_type="application/json")
 
 
 async def run_tool(request: Request) -> Response:

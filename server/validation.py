@@ -6,7 +6,7 @@ value (a customer's email, say): an error body must never echo customer data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jsonschema import Draft7Validator, ValidationError
@@ -18,40 +18,50 @@ class ParameterValidator:
     def __init__(self, tool_name: str, schema: Mapping[str, Any]) -> None:
         self._tool_name = tool_name
         self._validator = Draft7Validator(schema)
-        self._known = frozenset(schema.get("properties", {}))
 
     def check(self, parameters: Any) -> None:
-        """Raise InvalidParameters listing every violation, or return for valid parameters.
-
-        Unknown parameters are refused too: a misspelt customer field would otherwise vanish
-        silently and lower match quality without anyone noticing.
-        """
-        violations = [
+        """Raise InvalidParameters listing every violation, or return for valid parameters."""
+        violations = {
             v for error in self._validator.iter_errors(parameters) for v in self._explain(error)
-        ]
-        if isinstance(parameters, dict):
-            violations += [
-                Violation(f"parameters.{name}", f"is not a parameter of {self._tool_name}")
-                for name in parameters
-                if name not in self._known
-            ]
+        }
         if violations:
-            raise InvalidParameters(sorted(set(violations), key=lambda v: v.path))
+            raise InvalidParameters(sorted(violations, key=lambda v: v.path))
 
-    @staticmethod
-    def _explain(error: ValidationError) -> list[Violation]:
-        path = ".".join(["parameters", *(str(p) for p in error.absolute_path)])
+    def _explain(self, error: ValidationError) -> list[Violation]:
+        path = "parameters" + "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
+        )
         kind = error.validator
         expected: Any = error.validator_value
+        instance: Any = error.instance
         if kind == "required":
-            present = error.instance if isinstance(error.instance, dict) else {}
+            present = instance if isinstance(instance, dict) else {}
             return [
                 Violation(f"{path}.{name}", "is required")
                 for name in expected
                 if name not in present
             ]
-        if kind == "type":
-            return [Violation(path, f"must be of type {expected}")]
-        if kind == "enum":
-            return [Violation(path, f"must be one of: {', '.join(map(str, expected))}")]
-        return [Violation(path, f"does not satisfy '{kind}'")]
+        if kind == "additionalProperties":
+            schema: Any = error.schema
+            known = schema.get("properties", {})
+            what = f"a parameter of {self._tool_name}" if path == "parameters" else "a known field"
+            return [
+                Violation(f"{path}.{name}", f"is not {what}")
+                for name in instance
+                if name not in known
+            ]
+        types = expected if isinstance(expected, str) else " or ".join(map(str, expected or []))
+        messages: dict[str, Callable[[], str]] = {
+            "type": lambda: f"must be of type {types}",
+            "enum": lambda: f"must be one of: {', '.join(map(str, expected))}",
+            "pattern": lambda: f"must match the pattern {expected}",
+            "minLength": lambda: (
+                "must not be empty" if expected == 1 else f"must be at least {expected} characters"
+            ),
+            "minItems": lambda: f"must have at least {expected} item(s)",
+            "maxItems": lambda: f"must have at most {expected} items",
+            "minimum": lambda: f"must be at least {expected}",
+            "oneOf": lambda: "must be a string or a list of strings",
+        }
+        explain = messages.get(str(kind))
+        return [Violation(path, explain() if explain else f"does not satisfy '{kind}'")]

@@ -141,9 +141,9 @@ def test_parameters_must_be_an_object(client, graph, sign):
         (
             {"eventSourceUrl": None},
             "parameters.eventSourceUrl",
-            "required when actionSource is website",
+            "required for website events",
         ),
-        ({"customerClientUserAgent": ""}, "parameters.customerClientUserAgent", "required when"),
+        ({"customerClientUserAgent": ""}, "parameters.customerClientUserAgent", "required for website"),
         ({"eventSourceUrl": "shop.example.com"}, "parameters.eventSourceUrl", "http"),
         ({"eventTime": "2026-11-10T00:00:00Z"}, "parameters.eventTime", "more than 7 days"),
         ({"eventTime": "2026-11-18T11:10:00Z"}, "parameters.eventTime", "in the future"),
@@ -330,7 +330,7 @@ def test_body_over_1_mib_without_content_length_is_refused(client, sign):
 def test_unknown_project_route_and_method_are_json_errors(client, sign):
     assert client.post("/projects/nope/tools", json={}).json()["code"] == "UNKNOWN_PROJECT"
     assert client.get("/nowhere").json()["code"] == "NOT_FOUND"
-    assert client.get(URL).json()["code"] == "METHOD_NOT_ALLOWED"
+    assert client.put(URL).json()["code"] == "METHOD_NOT_ALLOWED"
 
 
 def test_healthz(client):

@@ -11,10 +11,12 @@ Parameters = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class BuildContext:
-    """Everything impure a mapping needs, passed in: the clock and the id source."""
+    """Everything impure or per-project a mapping needs, passed in."""
 
     now: float
     new_event_id: Callable[[], str]
+    phone_region: str | None = None  # ISO alpha-2 for national phone numbers
+    test_event_code: str | None = None  # the project's default, if any
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class EventBatch:
         return [str(e["event_id"]) for e in self.events if "event_id" in e]
 
 
+def as_json(answer: Mapping[str, Any], _parameters: Parameters) -> Any:
+    return answer
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str
@@ -38,3 +44,5 @@ class Tool:
     schema: Mapping[str, Any] = field(repr=False)
     # Schema-valid parameters -> events; raises InvalidParameters for what Meta would reject.
     build: Callable[[Parameters, BuildContext], EventBatch] = field(repr=False)
+    # Meta's answer -> what the caller gets: the JSON object, or text (e.g. markdown).
+    present: Callable[[Mapping[str, Any], Parameters], Any] = field(default=as_json, repr=False)

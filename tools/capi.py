@@ -1,23 +1,33 @@
-"""Conversions API server events: building `user_data`, and the checks Meta rejects events for.
+"""Conversions API server events: building `user_data`, mapping a raw CAPI event, and the
+checks Meta rejects events for.
 
 Rules from Meta's docs (server event, customer information, best practices; capi-facts.md).
-Each check reports the caller's own parameter path via a `paths` map from CAPI field to
-parameter, so the same rules serve every tool's naming. Pure: `now` is passed in.
+Every function reports the caller's own parameter path through `path_of` (CAPI field ->
+parameter path), so one set of rules serves every tool's naming. Pure: `now` is passed in.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from server.errors import Violation
+from tools.base import BuildContext
 from tools.hashing import HASHED_KEYS, NormalizationError, hash_value, is_sha256_hex, normalize
 
 ACTION_SOURCES = (
     "email", "website", "app", "phone_call", "chat", "physical_store", "system_generated",
     "business_messaging", "other",
 )  # fmt: skip
+# user_data keys Meta wants exactly as they are: never hashed, case kept.
+PLAIN_KEYS = (
+    "client_ip_address", "client_user_agent", "fbc", "fbp", "subscription_id", "fb_login_id",
+    "lead_id", "anon_id", "madid", "page_id", "page_scoped_user_id", "ctwa_clid",
+    "ig_account_id", "ig_sid",
+)  # fmt: skip
+USER_DATA_KEYS = (*sorted(HASHED_KEYS), *PLAIN_KEYS)
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_AGE_SECONDS = 7 * 86400
 MAX_AGE_SECONDS_PHYSICAL_STORE = 62 * 86400
@@ -32,51 +42,93 @@ _BASELINE_INSUFFICIENT = (
     frozenset({"ln", "ge"}),
 )
 
-Paths = Mapping[str, str]
+PathOf = Callable[[str], str]
+UserDataValue = str | list[str] | None
+
+
+_PIXEL_ID = re.compile(r"[0-9]{1,32}")
+
+
+def pixel_violations(pixel_id: str, path: str) -> list[Violation]:
+    """Pixel ids are numeric; checking keeps a crafted id from reshaping the Graph URL."""
+    if _PIXEL_ID.fullmatch(pixel_id.strip()):
+        return []
+    return [Violation(path, "must be a numeric Pixel (dataset) ID")]
+
+
+def prefixed(prefix: str) -> PathOf:
+    """Paths for tools whose parameters carry CAPI's own names, e.g. `parameters.user_data.em`."""
+    return lambda field: f"{prefix}{field}"
 
 
 def build_user_data(
-    raw: Mapping[str, str | None], paths: Paths
+    raw: Mapping[str, UserDataValue], path_of: PathOf, *, phone_region: str | None = None
 ) -> tuple[dict[str, Any], list[Violation]]:
-    """CAPI `user_data` from raw values keyed by CAPI key: hashed keys normalised and hashed,
-    the others (IP, user agent, fbc, fbp, ...) kept exactly, case included. Empty values are
-    dropped, never hashed. Violations name the parameter, never its value."""
+    """CAPI `user_data` from raw values keyed by CAPI key (`path_of` gets `user_data.<key>`).
+
+    Hashed keys are normalised and SHA-256 hashed, one value or a list (deduplicated); the
+    others (IP, user agent, fbc, fbp, ...) are kept exactly, case included. Empty values are
+    dropped, never hashed. Violations name the parameter, never its value.
+    """
     user_data: dict[str, Any] = {}
     violations: list[Violation] = []
     country = _plain_country(raw.get("country"))  # steers the US-only rules for st and zp
+    region = phone_region or country
     for key, value in raw.items():
-        if value is None or not value.strip():
+        values = [v for v in ([value] if isinstance(value, str) else value or []) if v.strip()]
+        if not values:
             continue
         try:
             if key in HASHED_KEYS:
-                hashed = hash_value(key, value, country=country)
-                if hashed is not None:
-                    user_data[key] = [hashed]
+                hashes = [hash_value(key, v, country=country, phone_region=region) for v in values]
+                if kept := list(dict.fromkeys(h for h in hashes if h is not None)):
+                    user_data[key] = kept
             elif key == "client_ip_address":
-                user_data[key] = str(ipaddress.ip_address(value.strip()))
+                user_data[key] = str(ipaddress.ip_address(values[0].strip()))
             else:
-                user_data[key] = value.strip()
-        except (NormalizationError, ValueError) as exc:
-            message = str(exc) if isinstance(exc, NormalizationError) else "is not an IP address"
-            violations.append(Violation(paths.get(key, key), message))
+                user_data[key] = values[0].strip()
+        except NormalizationError as exc:
+            violations.append(Violation(path_of(f"user_data.{key}"), str(exc)))
+        except ValueError:
+            violations.append(Violation(path_of(f"user_data.{key}"), "is not an IP address"))
     return user_data, violations
 
 
-def _plain_country(value: str | None) -> str | None:
-    if value is None or is_sha256_hex(value.strip().lower()):
+def _plain_country(value: UserDataValue) -> str | None:
+    first = value if isinstance(value, str) else next(iter(value or []), None)
+    if first is None or is_sha256_hex(first.strip().lower()):
         return None
     try:
-        return normalize("country", value)
+        return normalize("country", first)
     except NormalizationError:
         return None  # reported where the country itself is hashed
 
 
-def check_event(event: Mapping[str, Any], *, now: float, paths: Paths) -> list[Violation]:
+def map_raw_event(
+    raw: Mapping[str, Any], ctx: BuildContext, path_of: PathOf
+) -> tuple[dict[str, Any], list[Violation]]:
+    """A server event from CAPI-shaped, schema-valid input (snake_case, Unix `event_time`).
+
+    `user_data` is normalised and hashed as in `build_user_data`; everything else passes
+    through; `event_id` is generated when absent so retries deduplicate.
+    """
+    user_data, violations = build_user_data(
+        raw.get("user_data", {}), path_of, phone_region=ctx.phone_region
+    )
+    event = {k: v for k, v in raw.items() if v not in (None, "")}
+    event["user_data"] = user_data
+    event.setdefault("event_time", int(ctx.now))
+    event.setdefault("event_id", ctx.new_event_id())
+    violations += check_event(event, now=ctx.now, path_of=path_of)
+    return event, violations
+
+
+def check_event(event: Mapping[str, Any], *, now: float, path_of: PathOf) -> list[Violation]:
     """What Meta would reject this server event for; [] when it would be accepted."""
     violations: list[Violation] = []
 
     def fail(field: str, message: str) -> None:
-        violations.append(Violation(paths.get(field, field), message))
+        violations.append(Violation(path_of(field), message))
 
     source = event.get("action_source")
     event_time = event["event_time"]
@@ -85,15 +137,19 @@ def check_event(event: Mapping[str, Any], *, now: float, paths: Paths) -> list[V
         fail("event_time", f"is more than {max_age // 86400} days in the past; Meta rejects it")
     elif event_time > now + MAX_FUTURE_SECONDS:
         fail("event_time", "is in the future; Meta rejects it")
+    if not str(event.get("event_name", "")).strip():
+        fail("event_name", "must not be empty")
     url = event.get("event_source_url")
     if url is not None and not url.startswith(("http://", "https://")):
         fail("event_source_url", "must be an http:// or https:// URL")
     user_data: Mapping[str, Any] = event.get("user_data", {})
     if source == "website":
         if url is None:
-            fail("event_source_url", "is required when actionSource is website")
+            fail("event_source_url", "is required for website events")
         if "client_user_agent" not in user_data:
-            fail("user_data.client_user_agent", "is required when actionSource is website")
+            fail("user_data.client_user_agent", "is required for website events")
+    if source == "app" and not event.get("app_data"):
+        fail("app_data", "is required for app events")
     keys = frozenset(user_data)
     if not keys:
         fail("user_data", "needs at least one customer identifier")
@@ -104,3 +160,8 @@ def check_event(event: Mapping[str, Any], *, now: float, paths: Paths) -> list[V
             "email, phone, external id, click id, browser id or IP address",
         )
     return violations
+
+
+def match_keys(event: Mapping[str, Any]) -> list[str]:
+    """The customer keys an event carries, for users checking their match quality."""
+    return sorted(event.get("user_data", {}))

@@ -11,8 +11,10 @@ is named in a comment below and pinned by a test:
   become alpha-2.
 - zp: a US ZIP+4 keeps its first five digits (the SDK already cuts at `-`; we also cut
   `123456789`); outside the US (country given) a dash is removed, not cut at ("00-950").
-- ph: non-ASCII digits (e.g. full-width) become ASCII digits, and more than 15 digits (longer
-  than E.164 allows) is rejected; the SDK hashes the former as they are and accepts the latter.
+- ph: a national number gains its country code from the configured default region
+  (phonenumbers; the SDK never adds one); non-ASCII digits (e.g. full-width) become ASCII
+  digits, and more than 15 digits (longer than E.164 allows) is rejected; the SDK hashes the
+  former as they are and accepts the latter.
 - db: becomes YYYYMMDD and must be a real date from 1900 on; ge: `f`, `m`, `female` or `male`
   becomes `f` or `m`. The SDK's `normalize_field` hashes both as given (its `UserData` takes
   gender as an enum and leaves date formatting to the caller).
@@ -31,6 +33,7 @@ import unicodedata
 from datetime import date
 from functools import lru_cache
 
+import phonenumbers
 import pycountry
 
 # Keys whose values Meta expects SHA-256 hashed.
@@ -144,18 +147,31 @@ def _gender(value: str) -> str:
     return gender
 
 
-def _phone(value: str) -> str:
-    """Digits only, leading zeros (`00` prefix) gone; any script's digits become ASCII."""
+def _phone(value: str, region: str | None) -> str:
+    """E.164 digits. A national number ("(650) 555-1234") needs `region` to gain its country
+    code (beyond the SDK, which never adds one); otherwise digits only, leading zeros (`00`
+    prefix) gone, any script's digits made ASCII."""
+    if region and not value.startswith(("+", "00")):
+        try:
+            number = phonenumbers.parse(value, region.upper())
+        except phonenumbers.NumberParseException:
+            raise NormalizationError("is not a phone number") from None
+        if not phonenumbers.is_possible_number(number):
+            raise NormalizationError(f"is not a possible phone number for region {region.upper()}")
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
     digits = "".join(c for c in _ascii_digits(value) if "0" <= c <= "9").lstrip("0")
     if len(digits) < 7 or len(digits) > 15:  # beyond the SDK: E.164 has at most 15 digits
         raise NormalizationError("must be a phone number with its country code")
     return digits
 
 
-def normalize(key: str, value: str, *, country: str | None = None) -> str | None:
+def normalize(
+    key: str, value: str, *, country: str | None = None, phone_region: str | None = None
+) -> str | None:
     """Meta's normal form of one raw value, or None when nothing is left to send.
 
-    `country` (already normalised) steers the US-only rules for `st` and `zp`.
+    `country` (already normalised) steers the US-only rules for `st` and `zp`;
+    `phone_region` (ISO alpha-2) gives national phone numbers their country code.
     Does not hash and does not detect already-hashed input: see `hash_value`.
     """
     text = value.strip().lower()
@@ -180,13 +196,15 @@ def normalize(key: str, value: str, *, country: str | None = None) -> str | None
     elif key == "ge":
         result = _gender(text)
     elif key == "ph":
-        result = _phone(text)
+        result = _phone(text, phone_region)
     else:
         result = text
     return result or None
 
 
-def hash_value(key: str, value: str, *, country: str | None = None) -> str | None:
+def hash_value(
+    key: str, value: str, *, country: str | None = None, phone_region: str | None = None
+) -> str | None:
     """SHA-256 hex of the normalised value; a value already 64-hex passes through (lowercased).
 
     A 32-hex MD5 is hashed like any other value (the SDK passes it through).
@@ -194,7 +212,7 @@ def hash_value(key: str, value: str, *, country: str | None = None) -> str | Non
     text = value.strip().lower()
     if is_sha256_hex(text):
         return text
-    normal = normalize(key, value, country=country)
+    normal = normalize(key, value, country=country, phone_region=phone_region)
     return None if normal is None else sha256_hex(normal)
 
 

@@ -1,0 +1,122 @@
+"""The camelCase ActionKit Facebook Ads tools' parameters -> one CAPI server event.
+
+Shared by FACEBOOK_ADS_SEND_FUNNEL_EVENT and FACEBOOK_ADS_SEND_LEAD_EVENT: the published
+parameters, plus funnelgate's optional extension parameters (value, currency, phone, ...),
+which never change what a published parameter means. The mapping table is in the README.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.errors import InvalidParameters, Violation
+from tools.base import BuildContext, EventBatch, Parameters
+from tools.capi import build_user_data, check_event, pixel_violations
+from tools.values import parse_content_ids, parse_event_time
+
+INTEGRATION = "facebookAds"
+
+# Customer parameters -> CAPI user_data keys (the last four are extensions).
+USER_DATA_FIELDS = {
+    "customerEmail": "em",
+    "customerFirstName": "fn",
+    "customerLastName": "ln",
+    "customerCity": "ct",
+    "customerState": "st",
+    "customerCountryCode": "country",
+    "customerExternalId": "external_id",
+    "customerClientIpAddress": "client_ip_address",
+    "customerClientUserAgent": "client_user_agent",
+    "clickId": "fbc",
+    "browserId": "fbp",
+    "customerPhone": "ph",
+    "customerZip": "zp",
+    "customerGender": "ge",
+    "customerDateOfBirth": "db",
+}
+# Extension parameters copied as they are -> custom_data keys.
+CUSTOM_DATA_FIELDS = {
+    "contentName": "content_name",
+    "contentCategory": "content_category",
+    "value": "value",
+    "currency": "currency",
+    "orderId": "order_id",
+    "contents": "contents",
+    "numItems": "num_items",
+}
+# CAPI field -> the parameter a violation names.
+_PATHS = {
+    "event_name": "parameters.eventName",
+    "event_time": "parameters.eventTime",
+    "event_source_url": "parameters.eventSourceUrl",
+    "user_data": "parameters",
+    **{f"user_data.{key}": f"parameters.{name}" for name, key in USER_DATA_FIELDS.items()},
+}
+
+
+def _path_of(field: str) -> str:
+    return _PATHS.get(field, "parameters")
+
+
+def _text(parameters: Parameters, name: str) -> str | None:
+    value = parameters.get(name)
+    if not isinstance(value, str) or not value.strip():
+        return None  # empty strings are dropped, as if absent
+    return value.strip()
+
+
+def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | None) -> EventBatch:
+    """One server event from schema-valid parameters (`event_name` fixed, or from
+    `eventName`); raises InvalidParameters with every reason Meta would reject it."""
+    pixel = _text(parameters, "pixel") or ""
+    violations = pixel_violations(pixel, "parameters.pixel")
+
+    event_time = int(ctx.now)
+    if (raw_time := _text(parameters, "eventTime")) is not None:
+        try:
+            event_time = parse_event_time(raw_time)
+        except ValueError:
+            message = "must be an ISO 8601 timestamp, e.g. 2026-03-31T12:02:00Z"
+            violations.append(Violation("parameters.eventTime", message))
+
+    user_data, user_violations = build_user_data(
+        {key: _text(parameters, name) for name, key in USER_DATA_FIELDS.items()},
+        _path_of,
+        phone_region=ctx.phone_region,
+    )
+    violations += user_violations
+
+    custom_data: dict[str, Any] = {}
+    if (content_id := _text(parameters, "contentId")) is not None:
+        try:
+            if ids := parse_content_ids(content_id):
+                custom_data["content_ids"] = ids
+        except ValueError as exc:
+            violations.append(Violation("parameters.contentId", str(exc)))
+    for name, key in CUSTOM_DATA_FIELDS.items():
+        value = parameters.get(name)
+        if value is not None and value != "":
+            custom_data[key] = value.strip() if isinstance(value, str) else value
+
+    event: dict[str, Any] = {
+        "event_name": event_name or _text(parameters, "eventName") or "",
+        "event_time": event_time,
+        "action_source": parameters["actionSource"],
+        "event_id": _text(parameters, "eventId") or ctx.new_event_id(),
+        "user_data": user_data,
+    }
+    if (url := _text(parameters, "eventSourceUrl")) is not None:
+        event["event_source_url"] = url
+    if custom_data:
+        event["custom_data"] = custom_data
+    if "optOut" in parameters:
+        event["opt_out"] = parameters["optOut"]
+    if "dataProcessingOptions" in parameters:
+        event["data_processing_options"] = parameters["dataProcessingOptions"]
+
+    if not any(v.path == "parameters.eventTime" for v in violations):
+        violations += check_event(event, now=ctx.now, path_of=_path_of)
+    if violations:
+        raise InvalidParameters(violations)
+    test_code = _text(parameters, "testEventCode") or ctx.test_event_code
+    return EventBatch(pixel_id=pixel, events=[event], test_event_code=test_code)
