@@ -25,6 +25,7 @@ from server.config import Config
 from server.delivery.graph import GraphClient
 from server.errors import FunnelgateError, MethodNotAllowed, NotFound
 from server.logs import elapsed_ms, log
+from server.mcp_endpoint import McpEndpoint, session_manager
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
 from server.storage.credentials import CredentialStore
@@ -55,8 +56,10 @@ def create_app(
         credentials = CredentialStore(config.database_path)
         graph = GraphClient(graph_settings, graph_transport)
         app.state.runner = Runner(tools, credentials, graph, clock=clock)
+        app.state.mcp = session_manager()
         try:
-            yield
+            async with app.state.mcp.run():
+                yield
         finally:
             await graph.aclose()
             credentials.close()
@@ -67,6 +70,7 @@ def create_app(
             Route("/projects/{project_id}/actions", routes.run_action, methods=["POST"]),
             Route("/projects/{project_id}/tools", routes.list_tools, methods=["GET"]),
             Route("/projects/{project_id}/actions", routes.list_actions, methods=["GET"]),
+            Route("/projects/{project_id}/mcp", McpEndpoint()),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/openapi.json", routes.openapi, methods=["GET"]),
             *extra_routes,

@@ -22,7 +22,7 @@ def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-def _project(request: Request) -> Project:
+def project_of(request: Request) -> Project:
     project_id = request.path_params["project_id"]
     project: Project | None = request.app.state.config.projects.get(project_id)
     if project is None:
@@ -55,7 +55,7 @@ async def read_json_body(request: Request) -> Any:
 
 
 async def _run(request: Request, name_key: str) -> Response:
-    project = _project(request)
+    project = project_of(request)
     user_id = verify_user_token(bearer_token(request.headers.get("authorization")), project)
     body = await read_json_body(request)
     if not isinstance(body, dict):
@@ -93,7 +93,7 @@ def _csv(request: Request, name: str) -> set[str]:
 
 
 async def _list(request: Request, keys: tuple[str, ...]) -> Response:
-    project = _project(request)
+    project = project_of(request)
     user_id = verify_user_token(bearer_token(request.headers.get("authorization")), project)
     fmt = request.query_params.get("format", "json_schema")
     if fmt not in FORMATS:

@@ -50,7 +50,7 @@ class ParameterValidator:
                 for name in instance
                 if name not in known
             ]
-        types = expected if isinstance(expected, str) else " or ".join(map(str, expected or []))
+        types = " or ".join(map(str, expected)) if isinstance(expected, list) else str(expected)
         messages: dict[str, Callable[[], str]] = {
             "type": lambda: f"must be of type {types}",
             "enum": lambda: f"must be one of: {', '.join(map(str, expected))}",

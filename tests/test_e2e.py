@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.conftest import PIXEL, funnel_parameters, public_pem
 from tests.fakegraph import FakeGraphServer
+from tests.live import serving
 
 PROJECT = "e2e-project"
 UNCONNECTED = "e2e-unconnected"
@@ -49,9 +50,9 @@ def keys() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def fake_graph() -> Iterator[FakeGraphServer]:
     server = FakeGraphServer()
-    server.start()
-    yield server
-    server.stop()
+    with serving(server.app(), lifespan="off") as base_url:
+        server.base_url = base_url
+        yield server
 
 
 @pytest.fixture(scope="module")

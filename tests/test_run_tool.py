@@ -143,7 +143,11 @@ def test_parameters_must_be_an_object(client, graph, sign):
             "parameters.eventSourceUrl",
             "required for website events",
         ),
-        ({"customerClientUserAgent": ""}, "parameters.customerClientUserAgent", "required for website"),
+        (
+            {"customerClientUserAgent": ""},
+            "parameters.customerClientUserAgent",
+            "required for website",
+        ),
         ({"eventSourceUrl": "shop.example.com"}, "parameters.eventSourceUrl", "http"),
         ({"eventTime": "2026-11-10T00:00:00Z"}, "parameters.eventTime", "more than 7 days"),
         ({"eventTime": "2026-11-18T11:10:00Z"}, "parameters.eventTime", "in the future"),
