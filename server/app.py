@@ -21,6 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import routes
+from server.auth import VerifiedTokens
 from server.config import Config
 from server.delivery.graph import GraphClient
 from server.errors import FunnelgateError, MethodNotAllowed, NotFound
@@ -79,6 +80,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.tokens = VerifiedTokens()
     app.state.openapi_bytes = openapi_bytes
     app.add_middleware(RequestLog)
     return app

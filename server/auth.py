@@ -6,6 +6,8 @@ the token header, so `alg: none` and HS256-signed-with-the-public-key tokens can
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -30,8 +32,41 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
+class VerifiedTokens:
+    """Remembers tokens that passed full verification, so a user token sent again costs a
+    dict lookup instead of a signature check (~60 µs for RS256).
+
+    Keyed by (project, token): a changed byte is a different key. A hit counts only until the
+    token's `exp` (with the same leeway) passes, after which the full check runs again and
+    refuses it. Bounded: the oldest entry goes first. Failures are never remembered.
+    """
+
+    def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+        self._entries: dict[tuple[str, str], tuple[str, float]] = {}
+        self._max_entries = max_entries
+        self._clock = clock
+
+    def verify(self, token: str, project: Project) -> str:
+        """The token's `sub`; raises Unauthorized exactly as `verify_user_token` does."""
+        key = (project.id, token)
+        hit = self._entries.get(key)
+        if hit is not None:
+            if self._clock() <= hit[1] + LEEWAY_SECONDS:
+                return hit[0]
+            del self._entries[key]
+        sub, expires = _verify(token, project)
+        if len(self._entries) >= self._max_entries:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = (sub, expires)
+        return sub
+
+
 def verify_user_token(token: str, project: Project) -> str:
     """The token's `sub` (the connected user) after full verification; raises Unauthorized."""
+    return _verify(token, project)[0]
+
+
+def _verify(token: str, project: Project) -> tuple[str, float]:
     if len(token) > MAX_TOKEN_BYTES:
         raise Unauthorized("User token is too large.")
     algorithm = "RS256" if isinstance(project.public_key, rsa.RSAPublicKey) else "ES256"
@@ -55,7 +90,7 @@ def verify_user_token(token: str, project: Project) -> str:
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub:
         raise Unauthorized("User token 'sub' must be a non-empty string.")
-    return sub
+    return sub, float(claims["exp"])
 
 
 def _check_audience(aud: Any, project_id: str) -> None:

@@ -18,7 +18,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from server.auth import bearer_token, verify_user_token
+from server.auth import bearer_token
 from server.errors import FunnelgateError, IntegrationNotEnabled
 from server.routes import json_response, project_of
 from server.runner import Runner
@@ -87,7 +87,7 @@ class McpEndpoint:
         try:
             project = project_of(request)
             token = bearer_token(request.headers.get("authorization"))
-            user_id = verify_user_token(token, project)
+            user_id = request.app.state.tokens.verify(token, project)
         except FunnelgateError as exc:
             request.state.error_code = exc.code
             await json_response(exc.body(), exc.status)(scope, receive, send)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -84,7 +85,7 @@ def build_user_data(
                 if kept := list(dict.fromkeys(h for h in hashes if h is not None)):
                     user_data[key] = kept
             elif key == "client_ip_address":
-                user_data[key] = str(ipaddress.ip_address(values[0].strip()))
+                user_data[key] = _ip_address(values[0].strip())
             else:
                 user_data[key] = values[0].strip()
         except NormalizationError as exc:
@@ -92,6 +93,15 @@ def build_user_data(
         except ValueError:
             violations.append(Violation(path_of(f"user_data.{key}"), "is not an IP address"))
     return user_data, violations
+
+
+def _ip_address(text: str) -> str:
+    """A valid IP address, IPv6 in its compressed form. Raises ValueError."""
+    try:
+        socket.inet_pton(socket.AF_INET, text)  # the common case, ten times cheaper
+    except OSError:
+        return str(ipaddress.ip_address(text))
+    return text
 
 
 def _plain_country(value: UserDataValue) -> str | None:
