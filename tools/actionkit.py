@@ -79,8 +79,9 @@ def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | 
             message = "must be an ISO 8601 timestamp, e.g. 2026-03-31T12:02:00Z"
             violations.append(Violation("parameters.eventTime", message))
 
+    # Schema-valid, so every value present is a string; build_user_data drops blank ones.
     user_data, user_violations = build_user_data(
-        {key: _text(parameters, name) for name, key in USER_DATA_FIELDS.items()},
+        {key: parameters[name] for name, key in USER_DATA_FIELDS.items() if name in parameters},
         _path_of,
         phone_region=ctx.phone_region,
     )

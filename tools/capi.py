@@ -76,23 +76,34 @@ def build_user_data(
     country = _plain_country(raw.get("country"))  # steers the US-only rules for st and zp
     region = phone_region or country
     for key, value in raw.items():
-        values = [v for v in ([value] if isinstance(value, str) else value or []) if v.strip()]
-        if not values:
+        if not value:
             continue
         try:
-            if key in HASHED_KEYS:
-                hashes = [hash_value(key, v, country=country, phone_region=region) for v in values]
-                if kept := list(dict.fromkeys(h for h in hashes if h is not None)):
-                    user_data[key] = kept
-            elif key == "client_ip_address":
-                user_data[key] = _ip_address(values[0].strip())
-            else:
-                user_data[key] = values[0].strip()
+            if isinstance(value, str):
+                text = value.strip()
+                if not text:
+                    continue
+                if key in HASHED_KEYS:
+                    hashed = hash_value(key, text, country=country, phone_region=region)
+                    if hashed is not None:
+                        user_data[key] = [hashed]
+                elif key == "client_ip_address":
+                    user_data[key] = _ip_address(text)
+                else:
+                    user_data[key] = text
+            elif kept := _hash_all(key, value, country, region):
+                user_data[key] = kept
         except NormalizationError as exc:
             violations.append(Violation(path_of(f"user_data.{key}"), str(exc)))
         except ValueError:
             violations.append(Violation(path_of(f"user_data.{key}"), "is not an IP address"))
     return user_data, violations
+
+
+def _hash_all(key: str, values: list[str], country: str | None, region: str | None) -> list[str]:
+    """Hashes of a list of values (only hashed keys take lists), deduplicated, order kept."""
+    hashes = (hash_value(key, v, country=country, phone_region=region) for v in values)
+    return list(dict.fromkeys(h for h in hashes if h is not None))
 
 
 def _ip_address(text: str) -> str:

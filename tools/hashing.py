@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable
 from datetime import date
 from functools import lru_cache
 
@@ -178,6 +179,31 @@ def _phone(value: str, region: str | None) -> str:
     return digits
 
 
+def _email(text: str) -> str:
+    if _EMAIL.match(text) is None:
+        raise NormalizationError("is not an email address")
+    return text
+
+
+def _name(text: str) -> str:
+    return _without_punctuation(text).strip()  # beyond the SDK: punctuation goes
+
+
+# Per key: (lowercased, stripped text, normalised country, phone region) -> normal form.
+_RULES: dict[str, Callable[[str, str | None, str | None], str]] = {
+    "em": lambda text, _c, _r: _email(text),
+    "fn": lambda text, _c, _r: _name(text),
+    "ln": lambda text, _c, _r: _name(text),
+    "ct": lambda text, _c, _r: _letters(text),
+    "st": lambda text, country, _r: _state(text, country),
+    "zp": lambda text, country, _r: _zip(text, country),
+    "country": lambda text, _c, _r: country_code(text),
+    "db": lambda text, _c, _r: _date_of_birth(text),
+    "ge": lambda text, _c, _r: _gender(text),
+    "ph": lambda text, _c, region: _phone(text, region),
+}
+
+
 def normalize(
     key: str, value: str, *, country: str | None = None, phone_region: str | None = None
 ) -> str | None:
@@ -190,29 +216,13 @@ def normalize(
     text = value.strip().lower()
     if not text:
         return None
-    if key == "em":
-        if _EMAIL.match(text) is None:
-            raise NormalizationError("is not an email address")
-        result = text
-    elif key in ("fn", "ln"):
-        result = _without_punctuation(text).strip()  # beyond the SDK: punctuation goes
-    elif key == "ct":
-        result = _letters(text)
-    elif key == "st":
-        result = _state(text, country)
-    elif key == "zp":
-        result = _zip(text, country)
-    elif key == "country":
-        result = country_code(text)
-    elif key == "db":
-        result = _date_of_birth(text)
-    elif key == "ge":
-        result = _gender(text)
-    elif key == "ph":
-        result = _phone(text, phone_region)
-    else:
-        result = text
-    return result or None
+    rule = _RULES.get(key)
+    return (rule(text, country, phone_region) if rule else text) or None
+
+
+# Keys whose values repeat across customers (a few hundred countries and states, the
+# same cities): their hashes are remembered, bounded. Emails, phones, names and ids are not.
+_REPEATING_KEYS = frozenset({"country", "st", "ct", "ge"})
 
 
 def hash_value(
@@ -222,11 +232,25 @@ def hash_value(
 
     A 32-hex MD5 is hashed like any other value (the SDK passes it through).
     """
+    if key in _REPEATING_KEYS:
+        return _hash_repeating(key, value, country)
+    return _hash(key, value, country, phone_region)
+
+
+@lru_cache(maxsize=4096)
+def _hash_repeating(key: str, value: str, country: str | None) -> str | None:
+    return _hash(key, value, country, None)
+
+
+def _hash(key: str, value: str, country: str | None, phone_region: str | None) -> str | None:
     text = value.strip().lower()
-    if is_sha256_hex(text):
+    if len(text) == 64 and _SHA256.fullmatch(text):
         return text
-    normal = normalize(key, value, country=country, phone_region=phone_region)
-    return None if normal is None else sha256_hex(normal)
+    if not text:
+        return None
+    rule = _RULES.get(key)
+    normal = rule(text, country, phone_region) if rule else text
+    return hashlib.sha256(normal.encode()).hexdigest() if normal else None
 
 
 US_STATES = {

@@ -39,12 +39,15 @@ def parse_content_ids(value: str) -> list[str]:
         raise ValueError("has an unbalanced '[' or ']'")
     if not text.startswith("["):
         return [s for s in (part.strip() for part in text.split(",")) if s]
-    try:
-        items = json.loads(text)
-    except RecursionError:
-        raise ValueError("nests lists too deeply") from None
-    except ValueError:
-        items = _split_quoted(text[1:-1])
+    if '"' not in text and "'" in text:
+        items: object = _split_quoted(text[1:-1])  # the published form; no JSON attempt
+    else:
+        try:
+            items = json.loads(text)
+        except RecursionError:
+            raise ValueError("nests lists too deeply") from None
+        except ValueError:
+            items = _split_quoted(text[1:-1])
     if not isinstance(items, list) or not all(
         isinstance(i, str | int) and not isinstance(i, bool) for i in items
     ):
@@ -54,6 +57,12 @@ def parse_content_ids(value: str) -> list[str]:
 
 def _split_quoted(inner: str) -> list[str]:
     """Split `'A', "B", C` into ids; quotes may hold commas; empty entries give ""."""
+    simple = [part.strip() for part in inner.split(",")]
+    if all(
+        len(p) >= 2 and p[0] == p[-1] == "'" and "'" not in p[1:-1] and "\\" not in p
+        for p in simple
+    ):
+        return [p[1:-1] for p in simple]  # the published form, 'A', 'B': nothing to unescape
     items: list[str] = []
     pos = 0
     inner = inner.strip()
