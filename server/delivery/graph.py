@@ -1,8 +1,8 @@
 """The Graph API client: POST /{version}/{pixel}/events with retries by error class.
 
-One `httpx.AsyncClient` per process. Its transport is aiohttp's (httpx's own pool collapses
-under concurrency: measurements.md, encode/httpx#3215); tests swap in `httpx.MockTransport`.
-The access token travels in the JSON body, never in the URL, so it cannot reach access logs.
+One transport per process (transport.py: aiohttp in production; the sandbox and tests plug
+in through httpx). The access token travels in the JSON body, never in the URL, so it cannot
+reach access logs.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import orjson
 
 from server.config import GraphSettings
 from server.delivery.policy import Verdict, backoff_seconds, classify
+from server.delivery.transport import AiohttpTransport, ConnectionFailed, GraphTransport
 from server.errors import UpstreamAuth, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from server.logs import elapsed_ms, log
 from tools.base import EventBatch
@@ -58,17 +58,6 @@ def request_body(delivery: Delivery) -> dict[str, Any]:
     return body
 
 
-def default_transport(settings: GraphSettings) -> httpx.AsyncBaseTransport:
-    from httpx_aiohttp import AiohttpTransport  # noqa: PLC0415 - aiohttp loads only when used
-
-    limits = httpx.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=settings.max_connections,
-        keepalive_expiry=30,
-    )
-    return AiohttpTransport(limits=limits)
-
-
 @dataclass
 class _Attempt:
     verdict: Verdict
@@ -81,22 +70,18 @@ class GraphClient:
     def __init__(
         self,
         settings: GraphSettings,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: GraphTransport | None = None,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._settings = settings
-        self._client = httpx.AsyncClient(
-            transport=transport or default_transport(settings),
-            timeout=httpx.Timeout(settings.timeout_seconds),
-            headers={"content-type": "application/json", "user-agent": PARTNER_AGENT},
-        )
+        self._transport = transport or AiohttpTransport(settings.max_connections)
         self._sleep = sleep
         self._rand = rand
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
 
     def url(self, pixel_id: str) -> str:
         s = self._settings
@@ -142,21 +127,21 @@ class GraphClient:
     async def _attempt(self, url: str, content: bytes, budget: float) -> _Attempt:
         try:
             async with asyncio.timeout(budget):
-                response = await self._client.post(url, content=content)
-        except (TimeoutError, httpx.TimeoutException):
+                answer = await self._transport.post(url, content)
+        except TimeoutError:
             return _Attempt(Verdict.RETRY, failure="timeout")
-        except httpx.TransportError:
+        except ConnectionFailed:
             return _Attempt(Verdict.RETRY, failure="connection")
         try:
-            payload = orjson.loads(response.content)
+            payload = orjson.loads(answer.body)
         except orjson.JSONDecodeError:
             payload = None
         if not isinstance(payload, dict):
             # An answer that is not Graph's JSON (a proxy page, a truncated body): transient.
-            return _Attempt(Verdict.RETRY, status=response.status_code, failure="bad_response")
+            return _Attempt(Verdict.RETRY, status=answer.status, failure="bad_response")
         error = payload.get("error")
-        verdict = classify(response.status_code, error if isinstance(error, dict) else {})
-        return _Attempt(verdict, status=response.status_code, payload=payload)
+        verdict = classify(answer.status, error if isinstance(error, dict) else {})
+        return _Attempt(verdict, status=answer.status, payload=payload)
 
 
 def _final_error(result: _Attempt, attempts: int) -> UpstreamError:
