@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import routes
 from server.auth import VerifiedTokens
 from server.config import Config
+from server.delivery.coalesce import Coalescer
 from server.delivery.graph import GraphClient
 from server.delivery.transport import HttpxTransport
 from server.errors import FunnelgateError, MethodNotAllowed, NotFound
@@ -59,7 +60,8 @@ def create_app(
         credentials = CredentialStore(config.database_path)
         transport = HttpxTransport(graph_transport) if graph_transport else None
         graph = GraphClient(graph_settings, transport)
-        app.state.runner = Runner(tools, credentials, graph, clock=clock)
+        sender = Coalescer(graph) if graph_settings.coalesce else None
+        app.state.runner = Runner(tools, credentials, graph, sender=sender, clock=clock)
         app.state.mcp = session_manager()
         try:
             async with app.state.mcp.run():

@@ -115,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # funnelgate logs one JSON line per request itself
         log_config=None,
         server_header=False,
+        proxy_headers=False,  # nothing reads the client address or scheme: skip the rewrite
     )
     return 0
 

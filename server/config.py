@@ -30,6 +30,8 @@ class GraphSettings:
     timeout_seconds: float = 1.5  # per attempt, Meta's advice
     retry_deadline_seconds: float = 10.0  # all attempts together; callers time out at ~10 s
     max_connections: int = 100
+    # Calls for the same pixel and credentials in one event-loop turn share a Graph request.
+    coalesce: bool = True
     # Deliver to the built-in sandbox Graph instead of base_url (dev setup, demos).
     sandbox: bool = False
 
@@ -107,8 +109,9 @@ def _graph(table: dict[str, Any], where: str) -> GraphSettings:
         value = table.get(key, getattr(defaults, key))
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}: graph.{key} must be a positive number")
-    if not isinstance(table.get("sandbox", False), bool):
-        raise ConfigError(f"{where}: graph.sandbox must be true or false")
+    for key in ("sandbox", "coalesce"):
+        if not isinstance(table.get(key, False), bool):
+            raise ConfigError(f"{where}: graph.{key} must be true or false")
     if "max_connections" in table and (
         not isinstance(table["max_connections"], int) or table["max_connections"] < 1
     ):
@@ -124,6 +127,7 @@ def _graph(table: dict[str, Any], where: str) -> GraphSettings:
             table.get("retry_deadline_seconds", defaults.retry_deadline_seconds)
         ),
         max_connections=int(table.get("max_connections", defaults.max_connections)),
+        coalesce=bool(table.get("coalesce", defaults.coalesce)),
         sandbox=bool(table.get("sandbox", False)),
     )
 

@@ -121,6 +121,10 @@ class UpstreamError(FunnelgateError):
     def body(self) -> dict[str, Any]:
         return {**super().body(), "event_ids": self.event_ids, "upstream": self.upstream}
 
+    def for_caller(self) -> UpstreamError:
+        """The same failure as a new object, for one of several callers sharing a request."""
+        return type(self)(self.message, dict(self.upstream), status=self.status)
+
 
 class UpstreamRejected(UpstreamError):
     status = 400

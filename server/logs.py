@@ -42,9 +42,7 @@ class JsonLineFormatter(logging.Formatter):
 
 class _Sink:
     def __init__(self) -> None:
-        self.stream: IO[str] | None = (
-            None  # None until configure(): tests and library use log nothing
-        )
+        self.stream: IO[str] | None = None  # until configure(): tests and libraries log nothing
         self.level = logging.INFO
         self.pending: list[bytes] = []
         self.flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush waits in

@@ -80,6 +80,8 @@ async def _run(request: Request, name_key: str) -> Response:
 
 
 def _flag(request: Request, name: str, *, default: bool) -> bool:
+    if not request.scope["query_string"]:
+        return default  # the usual call: no query string to parse
     value = request.query_params.get(name)
     if value is None:
         return default

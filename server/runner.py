@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from server.config import Project
-from server.delivery.graph import Delivery, GraphClient, request_body
+from server.delivery.graph import Delivery, GraphClient, Sender, request_body
 from server.errors import IntegrationNotEnabled, NotFound, UpstreamError
 from server.storage.credentials import CredentialStore
 from server.validation import ParameterValidator
@@ -28,6 +28,7 @@ class Runner:
         credentials: CredentialStore,
         graph: GraphClient,
         *,
+        sender: Sender | None = None,
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = new_event_id,
     ) -> None:
@@ -35,6 +36,7 @@ class Runner:
         self._validators = {name: ParameterValidator(name, t.schema) for name, t in tools.items()}
         self._credentials = credentials
         self._graph = graph
+        self._sender = sender or graph  # e.g. a Coalescer in front of the client
         self._clock = clock
         self._new_id = new_id
 
@@ -69,7 +71,7 @@ class Runner:
         token = self.access_token(project, user_id)
         delivery = Delivery(batch, token, project.facebook_app_secret)
         try:
-            answer = await self._graph.send(delivery, project_id=project.id)
+            answer = await self._sender.send(delivery, project_id=project.id)
         except UpstreamError as exc:
             exc.event_ids = batch.event_ids  # resending with these ids stays deduplicated
             raise

@@ -60,9 +60,9 @@ def _path_of(field: str) -> str:
 
 def _text(parameters: Parameters, name: str) -> str | None:
     value = parameters.get(name)
-    if not isinstance(value, str) or not value.strip():
-        return None  # empty strings are dropped, as if absent
-    return value.strip()
+    if not value or not isinstance(value, str):
+        return None
+    return value.strip() or None  # empty strings are dropped, as if absent
 
 
 def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | None) -> EventBatch:
@@ -71,33 +71,32 @@ def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | 
     pixel = _text(parameters, "pixel") or ""
     violations = pixel_violations(pixel, "parameters.pixel")
 
-    event_time = int(ctx.now)
+    # One pass sorts the parameters (schema-valid: customer values are strings) by destination.
+    raw_user: dict[str, str] = {}
+    custom_data: dict[str, Any] = {}
+    for name, value in parameters.items():
+        if (key := USER_DATA_FIELDS.get(name)) is not None:
+            raw_user[key] = value  # build_user_data drops blank ones
+        elif (key := CUSTOM_DATA_FIELDS.get(name)) is not None and value != "":
+            custom_data[key] = value.strip() if isinstance(value, str) else value
+    user_data, user_violations = build_user_data(raw_user, _path_of, phone_region=ctx.phone_region)
+    violations += user_violations
+
+    event_time, time_ok = int(ctx.now), True
     if (raw_time := _text(parameters, "eventTime")) is not None:
         try:
             event_time = parse_event_time(raw_time)
         except ValueError:
             message = "must be an ISO 8601 timestamp, e.g. 2026-03-31T12:02:00Z"
             violations.append(Violation("parameters.eventTime", message))
+            time_ok = False
 
-    # Schema-valid, so every value present is a string; build_user_data drops blank ones.
-    user_data, user_violations = build_user_data(
-        {key: parameters[name] for name, key in USER_DATA_FIELDS.items() if name in parameters},
-        _path_of,
-        phone_region=ctx.phone_region,
-    )
-    violations += user_violations
-
-    custom_data: dict[str, Any] = {}
     if (content_id := _text(parameters, "contentId")) is not None:
         try:
             if ids := parse_content_ids(content_id):
-                custom_data["content_ids"] = ids
+                custom_data = {"content_ids": ids, **custom_data}
         except ValueError as exc:
             violations.append(Violation("parameters.contentId", str(exc)))
-    for name, key in CUSTOM_DATA_FIELDS.items():
-        value = parameters.get(name)
-        if value is not None and value != "":
-            custom_data[key] = value.strip() if isinstance(value, str) else value
 
     event: dict[str, Any] = {
         "event_name": event_name or _text(parameters, "eventName") or "",
@@ -115,7 +114,7 @@ def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | 
     if "dataProcessingOptions" in parameters:
         event["data_processing_options"] = parameters["dataProcessingOptions"]
 
-    if not any(v.path == "parameters.eventTime" for v in violations):
+    if time_ok:  # else the event's checks would only repeat the problem
         violations += check_event(event, now=ctx.now, path_of=_path_of)
     if violations:
         raise InvalidParameters(violations)

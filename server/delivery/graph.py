@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import orjson
@@ -56,6 +56,10 @@ def request_body(delivery: Delivery) -> dict[str, Any]:
             delivery.app_secret.encode(), delivery.access_token.encode(), hashlib.sha256
         ).hexdigest()
     return body
+
+
+class Sender(Protocol):
+    async def send(self, delivery: Delivery, *, project_id: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -106,6 +110,7 @@ class GraphClient:
                 "graph_attempt",
                 project=project_id,
                 pixel=delivery.batch.pixel_id,
+                events=len(delivery.batch.events),
                 attempt=attempt,
                 status=result.status,
                 verdict=result.verdict.value,

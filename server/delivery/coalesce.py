@@ -1,0 +1,120 @@
+"""Concurrent deliveries to the same pixel with the same credentials share one Graph request.
+
+Calls that reach delivery in the same event-loop turn are gathered and sent together (up to
+Meta's 1,000 events per request): no timer, so a call on a quiet server waits for nothing,
+while a busy one makes a request per group instead of per call (the outbound request is the
+largest cost of a call: BENCHMARKS.md). Every caller still gets its own answer.
+
+Meta accepts or refuses a request whole, so a refused group is resent one delivery at a time:
+one caller's bad event never fails another's. Credential and availability failures concern
+every event alike and reach every caller of the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+from server.delivery.graph import Delivery, GraphClient
+from server.errors import UpstreamError, UpstreamRejected
+from server.logs import log
+from tools.base import EventBatch
+from tools.capi import MAX_EVENTS_PER_REQUEST
+
+# Deliveries that may share a request: same project, pixel, credentials and test code.
+_Key = tuple[str, str, str, str | None, str | None]
+_Waiting = tuple[Delivery, "asyncio.Future[dict[str, Any]]"]
+
+
+class Coalescer:
+    def __init__(self, graph: GraphClient) -> None:
+        self._graph = graph
+        self._waiting: defaultdict[_Key, list[_Waiting]] = defaultdict(list)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def send(self, delivery: Delivery, *, project_id: str) -> dict[str, Any]:
+        """Meta's answer for this delivery's own events; raises like GraphClient.send."""
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._dispatch)
+        batch = delivery.batch
+        key = (project_id, batch.pixel_id, delivery.access_token, delivery.app_secret,
+               batch.test_event_code)  # fmt: skip
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._waiting[key].append((delivery, future))
+        return await future
+
+    def _dispatch(self) -> None:
+        waiting, self._waiting = self._waiting, defaultdict(list)
+        for key, group in waiting.items():
+            for chunk in _chunks(group):
+                task = asyncio.ensure_future(self._deliver(key[0], chunk))
+                self._tasks.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, project_id: str, group: list[_Waiting]) -> None:
+        live = [(d, f) for d, f in group if not f.done()]  # a caller may have gone away
+        if len(live) == 1:
+            await self._alone(project_id, *live[0])
+        elif live:
+            await self._together(project_id, live)
+
+    async def _alone(
+        self, project_id: str, delivery: Delivery, future: asyncio.Future[dict[str, Any]]
+    ) -> None:
+        try:
+            answer = await self._graph.send(delivery, project_id=project_id)
+        except Exception as exc:  # every failure belongs to its caller
+            _settle(future, exc)
+        else:
+            _settle(future, answer)
+
+    async def _together(self, project_id: str, group: list[_Waiting]) -> None:
+        first = group[0][0]
+        combined = Delivery(
+            EventBatch(
+                pixel_id=first.batch.pixel_id,
+                events=[event for delivery, _ in group for event in delivery.batch.events],
+                test_event_code=first.batch.test_event_code,
+            ),
+            first.access_token,
+            first.app_secret,
+        )
+        try:
+            answer = await self._graph.send(combined, project_id=project_id)
+        except UpstreamRejected:
+            log("graph_group_refused", project=project_id, calls=len(group))
+            await asyncio.gather(*(self._alone(project_id, d, f) for d, f in group))
+        except UpstreamError as exc:
+            for _, future in group:
+                _settle(future, exc.for_caller())
+        except Exception as exc:  # unexpected: still answers everyone
+            for _, future in group:
+                _settle(future, exc)
+        else:
+            for delivery, future in group:
+                _settle(future, {**answer, "events_received": len(delivery.batch.events)})
+
+
+def _chunks(group: list[_Waiting]) -> list[list[_Waiting]]:
+    """Consecutive runs of deliveries holding at most MAX_EVENTS_PER_REQUEST events."""
+    chunks: list[list[_Waiting]] = [[]]
+    count = 0
+    for item in group:
+        size = len(item[0].batch.events)
+        if chunks[-1] and count + size > MAX_EVENTS_PER_REQUEST:
+            chunks.append([])
+            count = 0
+        chunks[-1].append(item)
+        count += size
+    return chunks
+
+
+def _settle(future: asyncio.Future[dict[str, Any]], outcome: dict[str, Any] | Exception) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
