@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
@@ -21,9 +21,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check server tools tests
-	$(BIN)/ruff format --check server tools tests
+	$(BIN)/ruff check server tools tests bench
+	$(BIN)/ruff format --check server tools tests bench
 	$(BIN)/mypy --strict server tools
+
+# Load comes from wrk (Debian's package) when it can be installed, else from a Python generator
+# that bench/e2e.py shows is not the bottleneck. BENCH_ARGS=--write BENCHMARKS.md records.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	@command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; } || \
+		echo "wrk not installed: using the Python load generator"; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -44,6 +44,11 @@ CUSTOM_DATA_FIELDS = {
     "contents": "contents",
     "numItems": "num_items",
 }
+# Parameter -> (True for user_data, False for custom_data; its CAPI key): one lookup each.
+_DESTINATIONS = {
+    **{name: (True, key) for name, key in USER_DATA_FIELDS.items()},
+    **{name: (False, key) for name, key in CUSTOM_DATA_FIELDS.items()},
+}
 # CAPI field -> the parameter a violation names.
 _PATHS = {
     "event_name": "parameters.eventName",
@@ -75,10 +80,12 @@ def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | 
     raw_user: dict[str, str] = {}
     custom_data: dict[str, Any] = {}
     for name, value in parameters.items():
-        if (key := USER_DATA_FIELDS.get(name)) is not None:
-            raw_user[key] = value  # build_user_data drops blank ones
-        elif (key := CUSTOM_DATA_FIELDS.get(name)) is not None and value != "":
-            custom_data[key] = value.strip() if isinstance(value, str) else value
+        if (destination := _DESTINATIONS.get(name)) is None:
+            continue
+        if destination[0]:
+            raw_user[destination[1]] = value  # build_user_data drops blank ones
+        elif value != "":
+            custom_data[destination[1]] = value.strip() if isinstance(value, str) else value
     user_data, user_violations = build_user_data(raw_user, _path_of, phone_region=ctx.phone_region)
     violations += user_violations
 
