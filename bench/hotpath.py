@@ -52,7 +52,7 @@ COMPONENTS = [
         ("/tools/hashing.py", "/pycountry/", "/phonenumbers/", "/hashlib"),
     ),
     ("map + Meta rules (tools/ other)", ("/tools/",)),
-    ("logging (stdlib logging, server/logs.py)", ("/logging/", "/server/logs.py")),
+    ("logging (server/logs.py, stdlib logging)", ("/logging/", "/server/logs.py")),
     ("outbound: httpx", ("/httpx/", "/httpcore/")),
     ("outbound: aiohttp", ("/aiohttp/", "/yarl/", "/multidict/")),
     ("Graph client (server/delivery/)", ("/server/delivery/",)),
