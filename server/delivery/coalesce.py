@@ -39,8 +39,13 @@ class Coalescer:
         if not self._waiting:
             loop.call_soon(self._dispatch)
         batch = delivery.batch
-        key = (project_id, batch.pixel_id, delivery.access_token, delivery.app_secret,
-               batch.test_event_code)  # fmt: skip
+        key = (
+            project_id,
+            batch.pixel_id,
+            delivery.access_token,
+            delivery.app_secret,
+            batch.test_event_code,
+        )
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiting[key].append((delivery, future))
         return await future
