@@ -18,9 +18,8 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from server.auth import bearer_token
 from server.errors import FunnelgateError, IntegrationNotEnabled
-from server.routes import json_response, project_of
+from server.routes import authenticate, json_response
 from server.runner import Runner
 
 SETUP_HINT = (
@@ -85,9 +84,7 @@ class McpEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         try:
-            project = project_of(request)
-            token = bearer_token(request.headers.get("authorization"))
-            user_id = request.app.state.tokens.verify(token, project)
+            project, user_id = authenticate(request)
         except FunnelgateError as exc:
             request.state.error_code = exc.code
             await json_response(exc.body(), exc.status)(scope, receive, send)

@@ -31,6 +31,13 @@ def project_of(request: Request) -> Project:
     return project
 
 
+def authenticate(request: Request) -> tuple[Project, str]:
+    """The URL's project and the connected user (the verified token's `sub`)."""
+    project = project_of(request)
+    token = bearer_token(request.headers.get("authorization"))
+    return project, request.app.state.tokens.verify(token, project)
+
+
 async def read_json_body(request: Request) -> Any:
     """The parsed body: JSON only, at most 1 MiB (checked while reading, not just by header)."""
     content_type = request.headers.get("content-type")
@@ -55,10 +62,7 @@ async def read_json_body(request: Request) -> Any:
 
 
 async def _run(request: Request, name_key: str) -> Response:
-    project = project_of(request)
-    user_id = request.app.state.tokens.verify(
-        bearer_token(request.headers.get("authorization")), project
-    )
+    project, user_id = authenticate(request)
     body = await read_json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="INVALID_REQUEST")
@@ -97,10 +101,7 @@ def _csv(request: Request, name: str) -> set[str]:
 
 
 async def _list(request: Request, keys: tuple[str, ...]) -> Response:
-    project = project_of(request)
-    user_id = request.app.state.tokens.verify(
-        bearer_token(request.headers.get("authorization")), project
-    )
+    project, user_id = authenticate(request)
     fmt = request.query_params.get("format", "json_schema")
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of: {', '.join(FORMATS)}.", code="INVALID_REQUEST")

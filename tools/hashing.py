@@ -244,13 +244,10 @@ def _hash_repeating(key: str, value: str, country: str | None) -> str | None:
 
 def _hash(key: str, value: str, country: str | None, phone_region: str | None) -> str | None:
     text = value.strip().lower()
-    if len(text) == 64 and _SHA256.fullmatch(text):
+    if is_sha256_hex(text):
         return text
-    if not text:
-        return None
-    rule = _RULES.get(key)
-    normal = rule(text, country, phone_region) if rule else text
-    return hashlib.sha256(normal.encode()).hexdigest() if normal else None
+    normal = normalize(key, text, country=country, phone_region=phone_region)
+    return None if normal is None else sha256_hex(normal)
 
 
 US_STATES = {
