@@ -91,6 +91,7 @@ def create_app(
     app.state.tokens = VerifiedTokens()
     app.state.openapi_bytes = openapi_bytes
     app.add_middleware(RequestLog)
+    app.add_middleware(WithoutTrailingSlash)
     return app
 
 
@@ -109,6 +110,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         else NotFound("No such path.")
     )
     return await _error_response(request, error)
+
+
+class WithoutTrailingSlash:
+    """Serves `/x/` as `/x`, with no redirect.
+
+    Clients generated from ActionKit's OpenAPI post to `.../tools/`. A 307 stops httpx-based
+    clients, and behind a TLS-terminating proxy its `Location` would be `http://`, a downgrade
+    that carries the Bearer token along.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if len(path) > 1 and path.endswith("/") and scope["type"] in ("http", "websocket"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+            raw = scope.get("raw_path")
+            if raw:
+                scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
 
 
 class RequestLog:

@@ -339,3 +339,22 @@ def test_unknown_project_route_and_method_are_json_errors(client, sign):
 
 def test_healthz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("path", [URL + "/", f"/projects/{PROJECT}/actions/"])
+def test_a_trailing_slash_is_served_without_a_redirect(client, graph, sign, path):
+    response = client.post(
+        path,
+        json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "action": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+              "parameters": funnel_parameters()},
+        headers={"Authorization": f"Bearer {sign()}"},
+        follow_redirects=False,
+    )
+    assert response.status_code == 200
+    assert len(graph.requests) == 1
+
+
+def test_list_tools_and_health_answer_with_a_trailing_slash(client, sign):
+    headers = {"Authorization": f"Bearer {sign()}"}
+    assert client.get(URL + "/", headers=headers, follow_redirects=False).status_code == 200
+    assert client.get("/healthz/", follow_redirects=False).status_code == 200
