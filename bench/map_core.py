@@ -29,7 +29,7 @@ from facebook_business.adobjects.serverside.user_data import UserData
 from server.delivery.graph import Delivery, request_body
 from server.validation import ParameterValidator
 from tools.base import BuildContext, EventBatch
-from tools.catalog import load_tools
+from tools.catalog import load_catalog
 
 Params = Mapping[str, Any]
 TARGET = 5.0  # funnelgate at least this many times faster than the SDK
@@ -60,7 +60,7 @@ class Funnelgate:
     """The pipeline Run Tool runs, split into its three stages."""
 
     def __init__(self) -> None:
-        self.tool = load_tools()[TOOL]
+        self.tool = load_catalog()[TOOL]
         self.validator = ParameterValidator(self.tool.name, self.tool.schema)
 
     def validate(self, params: Params) -> None:

@@ -13,7 +13,7 @@ from benchlib import parameters, table
 
 from tools import actionkit, capi, hashing, values
 from tools.base import BuildContext
-from tools.catalog import load_tools
+from tools.catalog import load_catalog
 
 NUMBER = 20_000
 
@@ -25,7 +25,7 @@ def best_us(fn: Callable[[], object]) -> float:
 def main() -> None:
     now = time.time()
     full = parameters(0, "steps", now)  # the mix's first event: full customer data
-    tool = load_tools()["FACEBOOK_ADS_SEND_FUNNEL_EVENT"]
+    tool = load_catalog()["FACEBOOK_ADS_SEND_FUNNEL_EVENT"]
     ctx = BuildContext(now=now, new_event_id=lambda: "id")
     event = tool.build(full, ctx).events[0]
     rows: list[tuple[str, float]] = [

@@ -1,12 +1,13 @@
 """The composition root: `create_app(config)` wires config, storage, delivery and routes.
 
-Nothing happens at import time; the lifespan owns the database and the Graph client.
+It is the only place that chooses implementations (the Graph transport: aiohttp in
+production, the sandbox's or a test's otherwise). Nothing happens at import time; the
+lifespan owns the database and the Graph client.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,15 +26,16 @@ from server import routes
 from server.auth import VerifiedTokens
 from server.config import Config
 from server.delivery.coalesce import Coalescer
-from server.delivery.graph import GraphClient
-from server.delivery.transport import HttpxTransport
-from server.errors import FunnelgateError, MethodNotAllowed, NotFound
+from server.delivery.graph import GraphClient, Sender
+from server.delivery.transport import AiohttpTransport, GraphTransport, HttpxTransport
+from server.errors import FunnelgateError, InternalError, MethodNotAllowed, NotFound
 from server.logs import elapsed_ms, log
 from server.mcp_endpoint import McpEndpoint, session_manager
+from server.responses import error_response
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
 from server.storage.credentials import CredentialStore
-from tools.catalog import OPENAPI_PATH, load_tools
+from tools.catalog import OPENAPI_PATH, load_catalog
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
 
@@ -41,33 +43,32 @@ SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
 def create_app(
     config: Config,
     *,
-    graph_transport: httpx.AsyncBaseTransport | None = None,
+    graph_transport: GraphTransport | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Starlette:
-    """The ASGI app. `graph_transport` replaces the network to Graph (tests use MockTransport)."""
+    """The ASGI app. `graph_transport` replaces the network to Graph (tests); by default
+    Graph is reached with aiohttp, or in-process when the sandbox is on."""
     openapi_bytes = OPENAPI_PATH.read_bytes()
-    tools = load_tools(orjson.loads(openapi_bytes))
+    catalog = load_catalog(orjson.loads(openapi_bytes))
     graph_settings = config.graph
     extra_routes: list[Route | Mount] = []
     if config.graph.sandbox:
         sandbox = sandbox_app(SandboxGraph(clock=clock))
         graph_settings = dataclasses.replace(graph_settings, base_url=SANDBOX_BASE_URL)
-        graph_transport = graph_transport or httpx.ASGITransport(app=sandbox)
         extra_routes.append(Mount("/sandbox", app=sandbox))
+        if graph_transport is None:
+            graph_transport = HttpxTransport(httpx.ASGITransport(app=sandbox))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         credentials = CredentialStore(config.database_path)
-        transport = HttpxTransport(graph_transport) if graph_transport else None
+        transport = graph_transport or AiohttpTransport(graph_settings.max_connections)
         graph = GraphClient(graph_settings, transport)
-        sender = Coalescer(graph) if graph_settings.coalesce else None
-        app.state.runner = Runner(tools, credentials, graph, sender=sender, clock=clock)
+        sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
+        app.state.runner = Runner(catalog, credentials, sender, graph_url=graph.url, clock=clock)
         app.state.mcp = session_manager()
         try:
             async with app.state.mcp.run():
-                # The ~100k objects of start-up (schemas, pycountry, the MCP SDK) never die:
-                # out of the collector's sight, a full collection stops costing ~30 ms.
-                gc.freeze()
                 yield
         finally:
             await graph.aclose()
@@ -84,32 +85,32 @@ def create_app(
             Route("/openapi.json", routes.openapi, methods=["GET"]),
             *extra_routes,
         ],
-        exception_handlers={FunnelgateError: _error_response, HTTPException: _http_error},
+        exception_handlers={FunnelgateError: _funnelgate_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.state.config = config
-    app.state.tokens = VerifiedTokens()
+    app.state.tokens = VerifiedTokens(clock=clock)
     app.state.openapi_bytes = openapi_bytes
     app.add_middleware(RequestLog)
     app.add_middleware(WithoutTrailingSlash)
     return app
 
 
-async def _error_response(request: Request, exc: Exception) -> Response:
+async def _funnelgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, FunnelgateError)
     request.state.error_code = exc.code
-    return routes.json_response(exc.body(), exc.status)
+    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Routing misses (404, 405) answered in the same JSON shape as every other error."""
     assert isinstance(exc, HTTPException)
     error: FunnelgateError = (
-        MethodNotAllowed("Method not allowed on this path.")
+        MethodNotAllowed((exc.headers or {}).get("Allow", ""))
         if exc.status_code == 405
         else NotFound("No such path.")
     )
-    return await _error_response(request, error)
+    return await _funnelgate_error(request, error)
 
 
 class WithoutTrailingSlash:
@@ -163,8 +164,7 @@ class RequestLog:
             log("unhandled_error", logging.ERROR, error=type(exc).__name__)
             if not response_started:
                 status = 500
-                body = {"message": "Internal error.", "code": "INTERNAL_ERROR", "retryable": True}
-                await routes.json_response(body, 500)(scope, receive, send)
+                await error_response(InternalError())(scope, receive, send)
         finally:
             state = scope.get("state", {})
             endpoint = scope.get("endpoint")

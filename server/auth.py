@@ -6,7 +6,6 @@ the token header, so `alg: none` and HS256-signed-with-the-public-key tokens can
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,32 +40,28 @@ class VerifiedTokens:
     refuses it. Bounded: the oldest entry goes first. Failures are never remembered.
     """
 
-    def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float], max_entries: int = 10_000) -> None:
         self._entries: dict[tuple[str, str], tuple[str, float]] = {}
         self._max_entries = max_entries
         self._clock = clock
 
     def verify(self, token: str, project: Project) -> str:
-        """The token's `sub`; raises Unauthorized exactly as `verify_user_token` does."""
+        """The token's `sub` (the connected user) after full verification; raises Unauthorized."""
         key = (project.id, token)
+        now = self._clock()
         hit = self._entries.get(key)
         if hit is not None:
-            if self._clock() <= hit[1] + LEEWAY_SECONDS:
+            if now <= hit[1] + LEEWAY_SECONDS:
                 return hit[0]
             del self._entries[key]
-        sub, expires = _verify(token, project)
+        sub, expires = _verify(token, project, now)
         if len(self._entries) >= self._max_entries:
             del self._entries[next(iter(self._entries))]
         self._entries[key] = (sub, expires)
         return sub
 
 
-def verify_user_token(token: str, project: Project) -> str:
-    """The token's `sub` (the connected user) after full verification; raises Unauthorized."""
-    return _verify(token, project)[0]
-
-
-def _verify(token: str, project: Project) -> tuple[str, float]:
+def _verify(token: str, project: Project, now: float) -> tuple[str, float]:
     if len(token) > MAX_TOKEN_BYTES:
         raise Unauthorized("User token is too large.")
     algorithm = "RS256" if isinstance(project.public_key, rsa.RSAPublicKey) else "ES256"
@@ -75,22 +70,44 @@ def _verify(token: str, project: Project) -> tuple[str, float]:
             token,
             project.public_key,
             algorithms=[algorithm],
-            leeway=LEEWAY_SECONDS,
-            options={"require": ["sub", "iat", "exp"], "verify_aud": False},
+            # Times are checked below, against the injected clock and as RFC 7519 NumericDates.
+            options={
+                "require": ["sub", "iat", "exp"],
+                "verify_aud": False,
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
         )
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized("User token has expired.") from None
-    except jwt.ImmatureSignatureError:
-        raise Unauthorized("User token is not valid yet.") from None
     except jwt.MissingRequiredClaimError as exc:
         raise Unauthorized(f"User token lacks the required '{exc.claim}' claim.") from None
     except jwt.InvalidTokenError:
         raise Unauthorized("User token is invalid for this project.") from None
+    expires = _numeric_date(claims, "exp")
+    if now > expires + LEEWAY_SECONDS:
+        raise Unauthorized("User token has expired.")
+    for name in ("iat", "nbf"):
+        if name in claims and _numeric_date(claims, name) > now + LEEWAY_SECONDS:
+            raise Unauthorized("User token is not valid yet.")
     _check_audience(claims.get("aud"), project.id)
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub:
         raise Unauthorized("User token 'sub' must be a non-empty string.")
-    return sub, float(claims["exp"])
+    return sub, expires
+
+
+# 2**53: beyond it a JSON number is no longer an exact second (RFC 7493), centuries past use.
+_MAX_NUMERIC_DATE = float(2**53)
+
+
+def _numeric_date(claims: dict[str, Any], name: str) -> float:
+    """An RFC 7519 NumericDate: a JSON number of seconds (a string or boolean is refused)."""
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthorized(f"User token '{name}' must be a number of seconds (NumericDate).")
+    if not -_MAX_NUMERIC_DATE <= value <= _MAX_NUMERIC_DATE:  # also refuses NaN
+        raise Unauthorized(f"User token '{name}' is out of range.")
+    return float(value)
 
 
 def _check_audience(aud: Any, project_id: str) -> None:

@@ -9,19 +9,22 @@
     ├── MethodNotAllowed ...... 405 METHOD_NOT_ALLOWED
     ├── PayloadTooLarge ....... 413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType .. 415 UNSUPPORTED_MEDIA_TYPE
-    └── UpstreamError ......... Graph API failures (+ event_ids, upstream: {...})
-        ├── UpstreamRejected .. 400 UPSTREAM_REJECTED
-        ├── UpstreamAuth ...... 502 UPSTREAM_AUTH
-        └── UpstreamUnavailable 502 / 504 UPSTREAM_UNAVAILABLE (retryable)
+    ├── UpstreamError ......... Graph API failures (+ event_ids, upstream: {...})
+    │   ├── UpstreamRejected .. 400 UPSTREAM_REJECTED
+    │   ├── UpstreamAuth ...... 502 UPSTREAM_AUTH
+    │   └── UpstreamUnavailable 502 / 504 UPSTREAM_UNAVAILABLE (retryable)
+    └── InternalError ......... 500 INTERNAL_ERROR (a bug)
 
-`ConfigError` is separate: it stops start-up and never reaches a caller.
+`ConfigError` is separate: it stops start-up and never reaches a caller. The tools' own
+`tools.base.InvalidEvent` carries no status: the runner turns it into `InvalidParameters`.
 Messages never carry raw customer data, tokens or keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+from tools.base import Violation
 
 
 class ConfigError(Exception):
@@ -42,18 +45,15 @@ class FunnelgateError(Exception):
     def body(self) -> dict[str, Any]:
         return {"message": self.message, "code": self.code, "retryable": self.retryable}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries (RFC 9110: Allow on 405, Retry-After when a retry
+        can help; RFC 6750: WWW-Authenticate on 401)."""
+        return {}
+
 
 class BadRequest(FunnelgateError):
     status = 400
     code = "INVALID_JSON"
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One reason a parameter is unacceptable; `path` is dotted, e.g. `parameters.eventTime`."""
-
-    path: str
-    message: str
 
 
 class InvalidParameters(BadRequest):
@@ -85,6 +85,9 @@ class Unauthorized(FunnelgateError):
     status = 401
     code = "UNAUTHORIZED"
 
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="funnelgate"'}
+
 
 class NotFound(FunnelgateError):
     status = 404
@@ -94,6 +97,13 @@ class NotFound(FunnelgateError):
 class MethodNotAllowed(FunnelgateError):
     status = 405
     code = "METHOD_NOT_ALLOWED"
+
+    def __init__(self, allowed: str) -> None:
+        super().__init__("Method not allowed on this path.")
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}
 
 
 class PayloadTooLarge(FunnelgateError):
@@ -107,23 +117,31 @@ class UnsupportedMediaType(FunnelgateError):
 
 
 class UpstreamError(FunnelgateError):
-    """Graph API failed; `upstream` holds what Meta said (never the request)."""
+    """Graph API failed; `upstream` holds what Meta said (never the request), `event_ids`
+    the events of the failed request (resending them with these ids stays deduplicated)."""
 
     def __init__(
-        self, message: str, upstream: dict[str, Any], *, status: int | None = None
+        self,
+        message: str,
+        upstream: dict[str, Any],
+        *,
+        event_ids: list[str],
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.upstream = upstream
-        self.event_ids: list[str] = []
+        self.event_ids = event_ids
         if status is not None:
             self.status = status
 
     def body(self) -> dict[str, Any]:
         return {**super().body(), "event_ids": self.event_ids, "upstream": self.upstream}
 
-    def for_caller(self) -> UpstreamError:
-        """The same failure as a new object, for one of several callers sharing a request."""
-        return type(self)(self.message, dict(self.upstream), status=self.status)
+    def for_caller(self, event_ids: list[str]) -> UpstreamError:
+        """The same failure for one of several callers sharing a request: its own events."""
+        return type(self)(
+            self.message, dict(self.upstream), event_ids=event_ids, status=self.status
+        )
 
 
 class UpstreamRejected(UpstreamError):
@@ -140,3 +158,18 @@ class UpstreamUnavailable(UpstreamError):
     status = 502
     code = "UPSTREAM_UNAVAILABLE"
     retryable = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}  # Meta's outages outlast a burst of quick retries
+
+
+class InternalError(FunnelgateError):
+    """A bug. Not retryable: the same request would most likely meet the same bug, and a
+    call without `eventId` would get a new id, so a blind retry could send an event twice."""
+
+    status = 500
+    code = "INTERNAL_ERROR"
+    retryable = False
+
+    def __init__(self) -> None:
+        super().__init__("Internal error.")

@@ -6,26 +6,32 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tools.base import Tool
+from tools.catalog import Entry
 
 FORMATS = ("json_schema", "paragon")
 
 
-def as_function(tool: Tool) -> dict[str, Any]:
+def as_function(entry: Entry) -> dict[str, Any]:
+    tool = entry.tool
     return {
         "type": "function",
-        "function": {"name": tool.name, "description": tool.description, "parameters": tool.schema},
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": entry.schema,
+        },
     }
 
 
-def as_paragon(tool: Tool) -> dict[str, Any]:
-    required = set(tool.schema.get("required", []))
+def as_paragon(entry: Entry) -> dict[str, Any]:
+    tool, schema = entry.tool, entry.schema
+    required = set(schema.get("required", []))
     return {
         "name": tool.name,
         "title": _humanize(tool.name),
         "description": tool.description,
         "inputs": [
-            _input(name, prop, name in required) for name, prop in tool.schema["properties"].items()
+            _input(name, prop, name in required) for name, prop in schema["properties"].items()
         ],
     }
 

@@ -18,9 +18,11 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from server.access import authenticate
 from server.errors import FunnelgateError, IntegrationNotEnabled
-from server.routes import authenticate, json_response
+from server.responses import error_response
 from server.runner import Runner
+from tools.base import JsonAnswer
 
 SETUP_HINT = (
     "This user has no Meta access token in funnelgate. An administrator can add one with "
@@ -42,8 +44,10 @@ async def _list_tools(
     runner, _project, _user = _caller(ctx)
     return types.ListToolsResult(
         tools=[
-            types.Tool(name=t.name, description=t.description, input_schema=dict(t.schema))
-            for t in runner.tools.values()
+            types.Tool(
+                name=e.tool.name, description=e.tool.description, input_schema=dict(e.schema)
+            )
+            for e in runner.catalog.values()
         ]
     )
 
@@ -62,7 +66,7 @@ async def _call_tool(
         if isinstance(exc, IntegrationNotEnabled):
             content.append(types.TextContent(text=SETUP_HINT))
         return types.CallToolResult(content=content, is_error=True)
-    text = answer if isinstance(answer, str) else orjson.dumps(answer).decode()
+    text = orjson.dumps(answer.body).decode() if isinstance(answer, JsonAnswer) else answer.text
     return types.CallToolResult(content=[types.TextContent(text=text)])
 
 
@@ -87,7 +91,7 @@ class McpEndpoint:
             project, user_id = authenticate(request)
         except FunnelgateError as exc:
             request.state.error_code = exc.code
-            await json_response(exc.body(), exc.status)(scope, receive, send)
+            await error_response(exc)(scope, receive, send)
             return
         request.state.project_obj = project
         request.state.user_id = user_id

@@ -4,61 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.auth import bearer_token
-from server.config import Project
-from server.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from server.access import authenticate
+from server.bodies import read_json_body
+from server.errors import BadRequest
 from server.listing import FORMATS, as_function, as_paragon
+from server.responses import json_response
 from server.runner import Runner
-from tools.catalog import CATEGORIES
-
-MAX_BODY_BYTES = 1024 * 1024
-
-
-def json_response(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
-def project_of(request: Request) -> Project:
-    project_id = request.path_params["project_id"]
-    project: Project | None = request.app.state.config.projects.get(project_id)
-    if project is None:
-        raise NotFound("Unknown project.", code="UNKNOWN_PROJECT")
-    request.state.project = project.id
-    return project
-
-
-def authenticate(request: Request) -> tuple[Project, str]:
-    """The URL's project and the connected user (the verified token's `sub`)."""
-    project = project_of(request)
-    token = bearer_token(request.headers.get("authorization"))
-    return project, request.app.state.tokens.verify(token, project)
-
-
-async def read_json_body(request: Request) -> Any:
-    """The parsed body: JSON only, at most 1 MiB (checked while reading, not just by header)."""
-    content_type = request.headers.get("content-type")
-    if content_type is not None:
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise UnsupportedMediaType("Send the body as JSON with Content-Type: application/json.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLarge("The request body is larger than 1 MiB.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge("The request body is larger than 1 MiB.")
-        chunks.append(chunk)
-    try:
-        return orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError:
-        raise BadRequest("The request body is not valid JSON.") from None
+from tools.base import JsonAnswer
 
 
 async def _run(request: Request, name_key: str) -> Response:
@@ -77,10 +32,10 @@ async def _run(request: Request, name_key: str) -> Response:
     if _flag(request, "dry_run", default=False):
         return json_response(runner.dry_run(project, user_id, tool_name, body["parameters"]))
     answer = await runner.run(project, user_id, tool_name, body["parameters"])
-    if isinstance(answer, str):  # a tool's human format, e.g. response_format=markdown
-        return Response(answer, media_type="text/markdown; charset=utf-8")
-    request.state.fbtrace_id = answer.get("fbtrace_id")
-    return json_response(answer)
+    if isinstance(answer, JsonAnswer):
+        request.state.fbtrace_id = answer.body.get("fbtrace_id")
+        return json_response(answer.body)
+    return Response(answer.text, media_type=answer.media_type)
 
 
 def _flag(request: Request, name: str, *, default: bool) -> bool:
@@ -108,16 +63,17 @@ async def _list(request: Request, keys: tuple[str, ...]) -> Response:
     describe = as_function if fmt == "json_schema" else as_paragon
     integrations, categories = _csv(request, "integrations"), _csv(request, "categories")
     runner: Runner = request.app.state.runner
-    available = runner.has_credential(project, user_id)
     grouped: dict[str, list[dict[str, Any]]] = {}
-    for tool in runner.tools.values():
-        if integrations and tool.integration not in integrations:
-            continue
-        if categories and not categories & set(CATEGORIES.get(tool.integration, ())):
-            continue
-        if _flag(request, "limit_to_available", default=True) and not available:
-            continue
-        grouped.setdefault(tool.integration, []).append(describe(tool))
+    if not _flag(request, "limit_to_available", default=True) or runner.has_credential(
+        project, user_id
+    ):
+        for entry in runner.catalog.values():
+            integration = entry.tool.integration
+            if integrations and integration.name not in integrations:
+                continue
+            if categories and not categories & set(integration.categories):
+                continue
+            grouped.setdefault(integration.name, []).append(describe(entry))
     return json_response({**{key: grouped for key in keys}, "errors": []})
 
 

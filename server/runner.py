@@ -9,12 +9,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from server.config import Project
-from server.delivery.graph import Delivery, GraphClient, Sender, request_body
-from server.errors import IntegrationNotEnabled, NotFound, UpstreamError
+from server.delivery.graph import Delivery, Sender, request_body
+from server.errors import IntegrationNotEnabled, InvalidParameters, NotFound
 from server.storage.credentials import CredentialStore
 from server.validation import ParameterValidator
-from tools.base import BuildContext, EventBatch, Tool
+from tools.base import Answer, BuildContext, EventBatch, InvalidEvent
 from tools.capi import match_keys
+from tools.catalog import Entry
 
 
 def new_event_id() -> str:
@@ -24,19 +25,21 @@ def new_event_id() -> str:
 class Runner:
     def __init__(
         self,
-        tools: Mapping[str, Tool],
+        catalog: Mapping[str, Entry],
         credentials: CredentialStore,
-        graph: GraphClient,
+        sender: Sender,
         *,
-        sender: Sender | None = None,
+        graph_url: Callable[[str], str],
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = new_event_id,
     ) -> None:
-        self.tools = tools
-        self._validators = {name: ParameterValidator(name, t.schema) for name, t in tools.items()}
+        self.catalog = catalog
+        self._validators = {
+            name: ParameterValidator(name, entry.schema) for name, entry in catalog.items()
+        }
         self._credentials = credentials
-        self._graph = graph
-        self._sender = sender or graph  # e.g. a Coalescer in front of the client
+        self._sender = sender  # the Graph client, or a Coalescer in front of it
+        self._graph_url = graph_url
         self._clock = clock
         self._new_id = new_id
 
@@ -52,8 +55,8 @@ class Runner:
 
     def prepare(self, project: Project, tool_name: str, parameters: Any) -> EventBatch:
         """Validated, mapped, hashed events for one call; no I/O."""
-        tool = self.tools.get(tool_name)
-        if tool is None:
+        entry = self.catalog.get(tool_name)
+        if entry is None:
             raise NotFound(f"Unknown tool {tool_name!r}.", code="UNKNOWN_TOOL")
         self._validators[tool_name].check(parameters)
         ctx = BuildContext(
@@ -62,31 +65,32 @@ class Runner:
             phone_region=project.default_phone_region,
             test_event_code=project.test_event_code,
         )
-        return tool.build(parameters, ctx)
+        try:
+            return entry.tool.build(parameters, ctx)
+        except InvalidEvent as exc:
+            raise InvalidParameters(exc.violations) from None
 
-    async def run(self, project: Project, user_id: str, tool_name: str, parameters: Any) -> Any:
+    async def run(self, project: Project, user_id: str, tool_name: str, parameters: Any) -> Answer:
         """The tool's answer from Meta's (by default Meta's JSON, unwrapped). Nothing is sent
         unless every check passed."""
         batch = self.prepare(project, tool_name, parameters)
         token = self.access_token(project, user_id)
         delivery = Delivery(batch, token, project.facebook_app_secret)
-        try:
-            answer = await self._sender.send(delivery, project_id=project.id)
-        except UpstreamError as exc:
-            exc.event_ids = batch.event_ids  # resending with these ids stays deduplicated
-            raise
-        return self.tools[tool_name].present(answer, parameters)
+        answer = await self._sender.send(delivery, project_id=project.id)
+        return self.catalog[tool_name].tool.present(answer, parameters)
 
     def dry_run(
         self, project: Project, user_id: str, tool_name: str, parameters: Any
     ) -> dict[str, Any]:
-        """The exact Graph request the call would make, token withheld; sends nothing."""
+        """The exact Graph request the call would make, less credentials; sends nothing."""
         batch = self.prepare(project, tool_name, parameters)
-        body = request_body(Delivery(batch, access_token=""))
-        del body["access_token"]
         return {
             "dry_run": True,
             "integration_enabled": self.has_credential(project, user_id),
-            "request": {"method": "POST", "url": self._graph.url(batch.pixel_id), "body": body},
+            "request": {
+                "method": "POST",
+                "url": self._graph_url(batch.pixel_id),
+                "body": request_body(batch),
+            },
             "match_keys": [match_keys(event) for event in batch.events],
         }

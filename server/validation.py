@@ -15,7 +15,8 @@ from typing import Any
 import jsonschema_rs
 from jsonschema import Draft202012Validator, ValidationError
 
-from server.errors import InvalidParameters, Violation
+from server.errors import InvalidParameters
+from tools.base import Violation
 
 
 class ParameterValidator:

@@ -4,7 +4,6 @@ the transport seam (the only fake: everything inside funnelgate is real)."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from starlette.testclient import TestClient
 
 from server.app import create_app
 from server.config import Config, parse_config
+from server.delivery.transport import HttpxTransport
 
 PROJECT = "5f1b0c3e-aaaa-bbbb-cccc-000000000001"
 PIXEL = "123456789012345"
@@ -54,8 +54,10 @@ def sign(rsa_key: rsa.RSAPrivateKey) -> Callable[..., str]:
     """A Paragon user token for PROJECT; claims can be overridden or removed (value None)."""
 
     def _sign(sub: str | None = "user-1", *, now: float | None = None, **claims: Any) -> str:
-        issued = int(time.time() if now is None else now)
-        payload: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + 3600, **claims}
+        # By default valid both at the tests' fixed NOW and at the real time of a live server.
+        issued = int(NOW if now is None else now)
+        ttl = 20 * 365 * 86400 if now is None else 3600
+        payload: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + ttl, **claims}
         payload = {k: v for k, v in payload.items() if v is not None}
         return jwt.encode(payload, rsa_key, algorithm="RS256")
 
@@ -112,7 +114,11 @@ def config(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> Config:
 
 @pytest.fixture
 def client(config: Config, graph: FakeGraph) -> Iterator[TestClient]:
-    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    app = create_app(
+        config,
+        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
+        clock=lambda: NOW,
+    )
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 

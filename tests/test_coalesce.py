@@ -170,7 +170,11 @@ def test_the_switch_in_the_app(coalesce, tmp_path, rsa_key, sign):
     graph = Graph(accept)
     config = make_config(tmp_path, rsa_key, facebook_access_token="EAAB-project-token")
     config = dataclasses.replace(config, graph=dataclasses.replace(config.graph, coalesce=coalesce))
-    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    app = create_app(
+        config,
+        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
+        clock=lambda: NOW,
+    )
     headers = {"Authorization": f"Bearer {sign()}"}
 
     def post(client: httpx.AsyncClient, n: int) -> Awaitable[httpx.Response]:

@@ -13,6 +13,7 @@ import httpx
 from openapi_spec_validator import validate
 
 from server.app import create_app
+from server.delivery.transport import HttpxTransport
 from tests.conftest import NOW, PROJECT, FakeGraph, funnel_parameters
 from tests.live import serving
 from tools.catalog import OPENAPI_PATH
@@ -65,7 +66,9 @@ def test_a_generated_client_runs_a_tool(tmp_path, config, sign):
         models = importlib.import_module("fgclient.models")
         graph = FakeGraph()
         app = create_app(
-            config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW
+            config,
+            graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
+            clock=lambda: NOW,
         )
         with serving(app) as base_url:
             client = fgclient.AuthenticatedClient(base_url=base_url, token=sign())

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.testclient import TestClient
 
 from server.app import create_app
+from server.delivery.transport import HttpxTransport
 from server.storage.credentials import CredentialStore
 from tests.conftest import (
     NOW,
@@ -196,7 +197,11 @@ def test_unconnected_user_gets_integration_not_enabled(
     tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph, sign
 ):
     config = make_config(tmp_path, rsa_key)  # no project-wide token
-    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    app = create_app(
+        config,
+        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
+        clock=lambda: NOW,
+    )
     with TestClient(app) as client:
         response = call(client, sign, funnel_parameters())
         assert response.status_code == 400
@@ -216,7 +221,11 @@ def test_users_own_credential_wins_and_app_secret_adds_proof(
         tmp_path, rsa_key, facebook_access_token="EAAB-project", facebook_app_secret="s3cret"
     )
     CredentialStore(config.database_path).set(PROJECT, "user-1", "EAAB-user")
-    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    app = create_app(
+        config,
+        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
+        clock=lambda: NOW,
+    )
     with TestClient(app) as client:
         assert call(client, sign, funnel_parameters()).status_code == 200
     body = graph.bodies()[0]
@@ -270,7 +279,11 @@ def test_giving_up_on_5xx_is_502_unavailable_and_retryable(tmp_path, rsa_key, si
     config = type(config)(
         **{**config.__dict__, "graph": type(config.graph)(retry_deadline_seconds=0.8)}
     )
-    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    app = create_app(
+        config,
+        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
+        clock=lambda: NOW,
+    )
     with TestClient(app) as client:
         response = call(client, sign, funnel_parameters())
     body = response.json()
@@ -291,7 +304,9 @@ def test_timeouts_end_in_504(tmp_path, rsa_key, sign):
     def hang(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("slow", request=request)
 
-    app = create_app(config, graph_transport=httpx.MockTransport(hang), clock=lambda: NOW)
+    app = create_app(
+        config, graph_transport=HttpxTransport(httpx.MockTransport(hang)), clock=lambda: NOW
+    )
     with TestClient(app) as client:
         response = call(client, sign, funnel_parameters())
     assert (response.status_code, response.json()["code"]) == (504, "UPSTREAM_UNAVAILABLE")
@@ -345,8 +360,11 @@ def test_healthz(client):
 def test_a_trailing_slash_is_served_without_a_redirect(client, graph, sign, path):
     response = client.post(
         path,
-        json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "action": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
-              "parameters": funnel_parameters()},
+        json={
+            "tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+            "action": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+            "parameters": funnel_parameters(),
+        },
         headers={"Authorization": f"Bearer {sign()}"},
         follow_redirects=False,
     )

@@ -11,6 +11,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from server.app import create_app
+from server.delivery.transport import HttpxTransport
 from tests.conftest import NOW, PIXEL, PROJECT, FakeGraph, funnel_parameters, make_config
 
 TOOLS = ["FACEBOOK_ADS_SEND_FUNNEL_EVENT", "FACEBOOK_ADS_SEND_LEAD_EVENT", "meta_send_conversion_event",
@@ -51,7 +52,7 @@ def test_list_tools_answers_functions_under_both_keys_with_the_validated_schemas
     assert body["errors"] == [] and body["tools"] == body["actions"]
     functions = body["tools"]["facebookAds"]
     assert [f["function"]["name"] for f in functions] == TOOLS
-    runner_schemas = {name: tool.schema for name, tool in client.app.state.runner.tools.items()}
+    runner_schemas = {name: tool.schema for name, tool in client.app.state.runner.catalog.items()}
     for function in functions:
         assert function["type"] == "function" and function["function"]["description"]
         assert function["function"]["parameters"] == runner_schemas[function["function"]["name"]]
@@ -66,12 +67,12 @@ def test_legacy_list_actions_answers_under_actions_only(client, sign):
 
 
 def test_published_schema_is_kept_and_every_parameter_is_described(client):
-    schema = client.app.state.runner.tools["FACEBOOK_ADS_SEND_FUNNEL_EVENT"].schema
+    schema = client.app.state.runner.catalog["FACEBOOK_ADS_SEND_FUNNEL_EVENT"].schema
     assert schema["required"] == ["eventName", "actionSource", "pixel"]
     assert schema["properties"]["actionSource"]["enum"] == [
         "website", "chat", "app", "email", "phone_call", "system_generated", "other"]  # fmt: skip
     assert schema["x-integration"] == "facebookAds"
-    for tool in client.app.state.runner.tools.values():
+    for tool in client.app.state.runner.catalog.values():
         for name, prop in tool.schema["properties"].items():
             assert len(prop.get("description", "")) > 5, (tool.name, name)
 
@@ -101,7 +102,8 @@ def test_list_tools_filters(client, sign, query, expected):
 
 def test_list_tools_limits_to_available_integrations_by_default(tmp_path: Path, rsa_key, sign):
     app = create_app(
-        make_config(tmp_path, rsa_key), graph_transport=httpx.MockTransport(FakeGraph().handler)
+        make_config(tmp_path, rsa_key),
+        graph_transport=HttpxTransport(httpx.MockTransport(FakeGraph().handler)),
     )
     with TestClient(app) as client:
         assert listing(client, sign)["tools"] == {}
@@ -134,7 +136,11 @@ def test_lead_event_is_always_lead_and_has_no_event_name(client, graph, sign):
 def test_extension_parameters_map_into_the_event(tmp_path: Path, rsa_key, sign):
     graph = FakeGraph()
     config = make_config(tmp_path, rsa_key, facebook_access_token="t", default_phone_region="us")
-    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    app = create_app(
+        config,
+        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
+        clock=lambda: NOW,
+    )
     parameters = funnel_parameters(
         value=49.9, currency="USD", orderId="o-7", numItems=2, optOut=False, dataProcessingOptions=[],
         contents=[{"id": "ABC123", "quantity": 2, "item_price": 24.95}], customerPhone="(650) 555-1234",
@@ -174,7 +180,11 @@ def test_extension_parameters_are_validated_by_their_own_schema(client, graph, s
 def test_project_default_test_event_code_is_forwarded(tmp_path: Path, rsa_key, sign):
     graph = FakeGraph()
     config = make_config(tmp_path, rsa_key, facebook_access_token="t", test_event_code="TEST999")
-    app = create_app(config, graph_transport=httpx.MockTransport(graph.handler), clock=lambda: NOW)
+    app = create_app(
+        config,
+        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
+        clock=lambda: NOW,
+    )
     with TestClient(app) as client:
         assert (
             run(client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT", funnel_parameters()).status_code
@@ -297,7 +307,7 @@ def test_dry_run_shows_the_exact_request_and_match_keys_and_sends_nothing(
     tmp_path: Path, rsa_key, sign
 ):
     graph = FakeGraph()
-    app = create_app(make_config(tmp_path, rsa_key), graph_transport=httpx.MockTransport(graph.handler),
+    app = create_app(make_config(tmp_path, rsa_key), graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
                      clock=lambda: NOW)  # fmt: skip
     with TestClient(app) as client:
         response = run(

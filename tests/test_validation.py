@@ -14,9 +14,9 @@ from jsonschema import Draft202012Validator
 from server.errors import InvalidParameters
 from server.validation import ParameterValidator
 from tests.conftest import PIXEL, funnel_parameters
-from tools.catalog import load_tools
+from tools.catalog import load_catalog
 
-TOOLS = load_tools()
+TOOLS = load_catalog()
 EVENT = {
     "event_name": "Purchase", "event_time": int(time.time()), "action_source": "website",
     "event_source_url": "https://x.example", "user_data": {"em": ["a@b.co"], "client_user_agent": "UA"},

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.errors import InvalidParameters, Violation
-from tools.base import BuildContext, EventBatch, Parameters
+from tools.base import BuildContext, EventBatch, InvalidEvent, Parameters, Violation
 from tools.capi import build_user_data, check_event, pixel_violations
 from tools.values import parse_content_ids, parse_event_time
 
-INTEGRATION = "facebookAds"
+# The openapi.json component holding funnelgate's extension parameters.
+EXTENSIONS = "FACEBOOK_ADS_EXTENSIONS"
 
 # Customer parameters -> CAPI user_data keys (the last four are extensions).
 USER_DATA_FIELDS = {
@@ -72,7 +72,7 @@ def _text(parameters: Parameters, name: str) -> str | None:
 
 def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | None) -> EventBatch:
     """One server event from schema-valid parameters (`event_name` fixed, or from
-    `eventName`); raises InvalidParameters with every reason Meta would reject it."""
+    `eventName`); raises InvalidEvent with every reason Meta would reject it."""
     pixel = _text(parameters, "pixel") or ""
     violations = pixel_violations(pixel, "parameters.pixel")
 
@@ -124,6 +124,6 @@ def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | 
     if time_ok:  # else the event's checks would only repeat the problem
         violations += check_event(event, now=ctx.now, path_of=_path_of)
     if violations:
-        raise InvalidParameters(violations)
+        raise InvalidEvent(violations)
     test_code = _text(parameters, "testEventCode") or ctx.test_event_code
     return EventBatch(pixel_id=pixel, events=[event], test_event_code=test_code)

@@ -1,7 +1,11 @@
 """Conversions API server events: building `user_data`, mapping a raw CAPI event, and the
 checks Meta rejects events for.
 
-Rules from Meta's docs (server event, customer information, best practices; capi-facts.md).
+Rules from Meta's pages: server event parameters
+(https://developers.facebook.com/docs/marketing-api/conversions-api/parameters/server-event),
+customer information parameters
+(https://developers.facebook.com/docs/marketing-api/conversions-api/parameters/customer-information-parameters)
+and best practices (https://developers.facebook.com/docs/marketing-api/conversions-api/best-practices).
 Every function reports the caller's own parameter path through `path_of` (CAPI field ->
 parameter path), so one set of rules serves every tool's naming. Pure: `now` is passed in.
 """
@@ -14,22 +18,9 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from server.errors import Violation
-from tools.base import BuildContext
+from tools.base import BuildContext, Violation
 from tools.hashing import HASHED_KEYS, NormalizationError, hash_value, is_sha256_hex, normalize
 
-ACTION_SOURCES = (
-    "email", "website", "app", "phone_call", "chat", "physical_store", "system_generated",
-    "business_messaging", "other",
-)  # fmt: skip
-# user_data keys Meta wants exactly as they are: never hashed, case kept.
-PLAIN_KEYS = (
-    "client_ip_address", "client_user_agent", "fbc", "fbp", "subscription_id", "fb_login_id",
-    "lead_id", "anon_id", "madid", "page_id", "page_scoped_user_id", "ctwa_clid",
-    "ig_account_id", "ig_sid",
-)  # fmt: skip
-USER_DATA_KEYS = (*sorted(HASHED_KEYS), *PLAIN_KEYS)
-MAX_EVENTS_PER_REQUEST = 1000
 MAX_AGE_SECONDS = 7 * 86400
 MAX_AGE_SECONDS_PHYSICAL_STORE = 62 * 86400
 MAX_FUTURE_SECONDS = 60
@@ -88,15 +79,15 @@ def build_user_data(
                     if hashed is not None:
                         user_data[key] = [hashed]
                 elif key == "client_ip_address":
-                    user_data[key] = _ip_address(text)
+                    if (address := _ip_address(text)) is None:
+                        raise NormalizationError("is not an IP address")
+                    user_data[key] = address
                 else:
                     user_data[key] = text
             elif kept := _hash_all(key, value, country, region):
                 user_data[key] = kept
         except NormalizationError as exc:
             violations.append(Violation(path_of(f"user_data.{key}"), str(exc)))
-        except ValueError:
-            violations.append(Violation(path_of(f"user_data.{key}"), "is not an IP address"))
     return user_data, violations
 
 
@@ -106,12 +97,15 @@ def _hash_all(key: str, values: list[str], country: str | None, region: str | No
     return list(dict.fromkeys(h for h in hashes if h is not None))
 
 
-def _ip_address(text: str) -> str:
-    """A valid IP address, IPv6 in its compressed form. Raises ValueError."""
+def _ip_address(text: str) -> str | None:
+    """A valid IP address, IPv6 in its compressed form; None when `text` is not one."""
     try:
         socket.inet_pton(socket.AF_INET, text)  # the common case, ten times cheaper
     except OSError:
-        return str(ipaddress.ip_address(text))
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            return None
     return text
 
 

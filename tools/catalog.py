@@ -1,7 +1,7 @@
-"""The tool catalog: each tool module joined with its parameters schema from openapi.json.
+"""The tool catalog: each tool joined with its parameters schema from openapi.json.
 
 openapi.json is the single source of every schema. A tool's schema is its component
-(`components.schemas[<tool name>]`, the published one verbatim for ActionKit tools), plus the
+(`components.schemas[<tool.schema>]`, the published one verbatim for ActionKit tools), plus the
 properties of any extension components it names, with `$ref`s inlined so the result stands
 alone (List Tools, MCP inputSchema). That merged schema is exactly what Run Tool validates.
 """
@@ -9,25 +9,31 @@ alone (List Tools, MCP inputSchema). That merged schema is exactly what Run Tool
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import orjson
 
 from tools import funnel_event, lead_event, meta_conversion_event, send_events
-from tools.base import Tool, as_json
+from tools.base import Tool
 
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
-EXTENSIONS = "FACEBOOK_ADS_EXTENSIONS"
-# Tool module -> extension components merged into its published schema.
-_MODULES: tuple[tuple[ModuleType, tuple[str, ...]], ...] = (
-    (funnel_event, (EXTENSIONS,)),
-    (lead_event, (EXTENSIONS,)),
-    (meta_conversion_event, ()),
-    (send_events, ()),
+TOOLS: tuple[Tool, ...] = (
+    funnel_event.TOOL,
+    lead_event.TOOL,
+    meta_conversion_event.TOOL,
+    send_events.TOOL,
 )
-CATEGORIES = {"facebookAds": ("advertising",)}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A tool and its resolved, self-contained parameters schema."""
+
+    tool: Tool
+    schema: Mapping[str, Any] = field(repr=False)
 
 
 def load_openapi(path: Path = OPENAPI_PATH) -> dict[str, Any]:
@@ -35,26 +41,16 @@ def load_openapi(path: Path = OPENAPI_PATH) -> dict[str, Any]:
     return document
 
 
-def load_tools(openapi: dict[str, Any] | None = None) -> dict[str, Tool]:
+def load_catalog(openapi: dict[str, Any] | None = None) -> dict[str, Entry]:
     schemas = (openapi or load_openapi())["components"]["schemas"]
-    return {
-        module.NAME: Tool(
-            name=module.NAME,
-            integration=module.INTEGRATION,
-            description=module.DESCRIPTION,
-            schema=tool_schema(schemas, module.NAME, extensions),
-            build=module.build,
-            present=getattr(module, "present", as_json),
-        )
-        for module, extensions in _MODULES
-    }
+    return {tool.name: Entry(tool, tool_schema(schemas, tool)) for tool in TOOLS}
 
 
-def tool_schema(schemas: dict[str, Any], name: str, extensions: tuple[str, ...]) -> dict[str, Any]:
+def tool_schema(schemas: dict[str, Any], tool: Tool) -> dict[str, Any]:
     """The published schema plus extension properties, closed to unknown parameters (a
     misspelt customer field would otherwise vanish silently)."""
-    schema = copy.deepcopy(schemas[name])
-    for extension in extensions:
+    schema = copy.deepcopy(schemas[tool.schema])
+    for extension in tool.extensions:
         schema["properties"].update(copy.deepcopy(schemas[extension]["properties"]))
     schema["additionalProperties"] = False
     resolved: dict[str, Any] = _inline_refs(schema, schemas)

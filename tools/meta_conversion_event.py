@@ -6,17 +6,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from server.errors import InvalidParameters
-from tools.base import BuildContext, EventBatch, Parameters
+from tools.base import (
+    FACEBOOK_ADS,
+    Answer,
+    BuildContext,
+    EventBatch,
+    InvalidEvent,
+    JsonAnswer,
+    Parameters,
+    TextAnswer,
+    Tool,
+)
 from tools.capi import map_raw_event, pixel_violations, prefixed
 
 NAME = "meta_send_conversion_event"
-INTEGRATION = "facebookAds"
-DESCRIPTION = (
-    "Send a server-side conversion event to Meta using the Conversions API. Supports standard "
-    "and custom events with deduplication for accurate attribution. user_data keys given raw "
-    "are normalised and SHA-256 hashed; already-hashed values pass through."
-)
 _NOT_EVENT_FIELDS = ("pixel_id", "test_event_code", "response_format")
 
 
@@ -25,15 +28,15 @@ def build(parameters: Parameters, ctx: BuildContext) -> EventBatch:
     event, violations = map_raw_event(raw, ctx, prefixed("parameters."))
     violations = pixel_violations(parameters["pixel_id"], "parameters.pixel_id") + violations
     if violations:
-        raise InvalidParameters(violations)
+        raise InvalidEvent(violations)
     test_code = parameters.get("test_event_code") or ctx.test_event_code
     return EventBatch(pixel_id=parameters["pixel_id"], events=[event], test_event_code=test_code)
 
 
-def present(answer: Mapping[str, Any], parameters: Parameters) -> Any:
+def present(answer: Mapping[str, Any], parameters: Parameters) -> Answer:
     """Meta's answer as JSON, or (the default) a short markdown summary for people and agents."""
     if parameters.get("response_format") == "json":
-        return answer
+        return JsonAnswer(answer)
     lines = [
         f"**Meta received {answer.get('events_received', 0)} event(s)** "
         f"for pixel `{parameters['pixel_id']}` ({parameters['event_name']}).",
@@ -43,7 +46,7 @@ def present(answer: Mapping[str, Any], parameters: Parameters) -> Any:
         lines.append(f"- test event code: `{test_code}` (see Events Manager > Test Events)")
     lines += [f"- message: {message}" for message in answer.get("messages") or []]
     lines += [f"- warning: {warning}" for warning in warnings(parameters)]
-    return "\n".join(lines)
+    return TextAnswer("\n".join(lines), "text/markdown; charset=utf-8")
 
 
 def warnings(parameters: Parameters) -> list[str]:
@@ -52,3 +55,17 @@ def warnings(parameters: Parameters) -> list[str]:
     if parameters.get("event_name") == "Purchase" and not {"value", "currency"} <= custom.keys():
         return ["Purchase events should carry custom_data.value and custom_data.currency."]
     return []
+
+
+TOOL = Tool(
+    name=NAME,
+    integration=FACEBOOK_ADS,
+    description=(
+        "Send a server-side conversion event to Meta using the Conversions API. Supports "
+        "standard and custom events with deduplication for accurate attribution. user_data keys "
+        "given raw are normalised and SHA-256 hashed; already-hashed values pass through."
+    ),
+    schema=NAME,
+    build=build,
+    present=present,
+)

@@ -6,17 +6,18 @@ violation refuses the call, naming the event by its index; nothing is sent.
 
 from __future__ import annotations
 
-from server.errors import InvalidParameters, Violation
-from tools.base import BuildContext, EventBatch, Parameters
+from tools.base import (
+    FACEBOOK_ADS,
+    BuildContext,
+    EventBatch,
+    InvalidEvent,
+    Parameters,
+    Tool,
+    Violation,
+)
 from tools.capi import map_raw_event, pixel_violations, prefixed
 
 NAME = "FACEBOOK_ADS_SEND_EVENTS"
-INTEGRATION = "facebookAds"
-DESCRIPTION = (
-    "Send 1 to 1,000 Conversions API server events to one Meta Pixel in a single request. "
-    "Each event uses CAPI's own field names; customer data is normalised and SHA-256 hashed. "
-    "If any event is invalid the whole call is refused before anything is sent."
-)
 
 
 def build(parameters: Parameters, ctx: BuildContext) -> EventBatch:
@@ -27,6 +28,19 @@ def build(parameters: Parameters, ctx: BuildContext) -> EventBatch:
         events.append(event)
         violations += event_violations
     if violations:
-        raise InvalidParameters(violations)
+        raise InvalidEvent(violations)
     test_code = parameters.get("test_event_code") or ctx.test_event_code
     return EventBatch(pixel_id=parameters["pixel_id"], events=events, test_event_code=test_code)
+
+
+TOOL = Tool(
+    name=NAME,
+    integration=FACEBOOK_ADS,
+    description=(
+        "Send 1 to 1,000 Conversions API server events to one Meta Pixel in a single request. "
+        "Each event uses CAPI's own field names; customer data is normalised and SHA-256 "
+        "hashed. If any event is invalid the whole call is refused before anything is sent."
+    ),
+    schema=NAME,
+    build=build,
+)

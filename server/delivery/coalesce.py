@@ -16,11 +16,10 @@ import asyncio
 from collections import defaultdict
 from typing import Any
 
-from server.delivery.graph import Delivery, GraphClient
+from server.delivery.graph import MAX_EVENTS_PER_REQUEST, Delivery, GraphClient
 from server.errors import UpstreamError, UpstreamRejected
 from server.logs import log
 from tools.base import EventBatch
-from tools.capi import MAX_EVENTS_PER_REQUEST
 
 # Deliveries that may share a request: same project, pixel, credentials and test code.
 _Key = tuple[str, str, str, str | None, str | None]
@@ -92,8 +91,8 @@ class Coalescer:
             log("graph_group_refused", project=project_id, calls=len(group))
             await asyncio.gather(*(self._alone(project_id, d, f) for d, f in group))
         except UpstreamError as exc:
-            for _, future in group:
-                _settle(future, exc.for_caller())
+            for delivery, future in group:
+                _settle(future, exc.for_caller(delivery.batch.event_ids))
         except Exception as exc:  # unexpected: still answers everyone
             for _, future in group:
                 _settle(future, exc)

@@ -1,8 +1,8 @@
 """The Graph API client: POST /{version}/{pixel}/events with retries by error class.
 
-One transport per process (transport.py: aiohttp in production; the sandbox and tests plug
-in through httpx). The access token travels in the JSON body, never in the URL, so it cannot
-reach access logs.
+The transport is chosen by the composition root (server/app.py: aiohttp in production; the
+sandbox and tests plug in through httpx). The access token travels in the JSON body, never in
+the URL, so it cannot reach access logs.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import orjson
 
 from server.config import GraphSettings
 from server.delivery.policy import Verdict, backoff_seconds, classify
-from server.delivery.transport import AiohttpTransport, ConnectionFailed, GraphTransport
+from server.delivery.transport import ConnectionFailed, GraphTransport
 from server.errors import UpstreamAuth, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from server.logs import elapsed_ms, log
 from tools.base import EventBatch
 
 PARTNER_AGENT = "funnelgate"
+# Meta takes at most 1,000 events per /events request.
+MAX_EVENTS_PER_REQUEST = 1000
 # Do not start an attempt with less time than this left before the deadline.
 _MIN_ATTEMPT_SECONDS = 0.1
 _UPSTREAM_KEYS = (
@@ -44,12 +46,17 @@ class Delivery:
     app_secret: str | None = field(default=None, repr=False)
 
 
-def request_body(delivery: Delivery) -> dict[str, Any]:
-    """The JSON body Graph receives, token and appsecret_proof included."""
-    batch = delivery.batch
+def request_body(batch: EventBatch) -> dict[str, Any]:
+    """The JSON body Graph receives, less credentials: what a dry run shows."""
     body: dict[str, Any] = {"data": batch.events, "partner_agent": PARTNER_AGENT}
     if batch.test_event_code:
         body["test_event_code"] = batch.test_event_code
+    return body
+
+
+def signed_body(delivery: Delivery) -> dict[str, Any]:
+    """The JSON body Graph receives, token and appsecret_proof included."""
+    body = request_body(delivery.batch)
     body["access_token"] = delivery.access_token
     if delivery.app_secret:
         body["appsecret_proof"] = hmac.new(
@@ -74,13 +81,13 @@ class GraphClient:
     def __init__(
         self,
         settings: GraphSettings,
-        transport: GraphTransport | None = None,
+        transport: GraphTransport,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._settings = settings
-        self._transport = transport or AiohttpTransport(settings.max_connections)
+        self._transport = transport
         self._sleep = sleep
         self._rand = rand
 
@@ -97,7 +104,7 @@ class GraphClient:
         Every attempt sends the same bytes, so event_ids stay stable for deduplication.
         """
         url = self.url(delivery.batch.pixel_id)
-        content = orjson.dumps(request_body(delivery))
+        content = orjson.dumps(signed_body(delivery))
         deadline = time.monotonic() + self._settings.retry_deadline_seconds
         attempt = 0
         while True:
@@ -123,10 +130,10 @@ class GraphClient:
             if result.verdict is Verdict.DELIVERED and result.payload is not None:
                 return result.payload
             if result.verdict is not Verdict.RETRY:
-                raise _final_error(result, attempt)
+                raise _final_error(result, attempt, delivery.batch.event_ids)
             delay = backoff_seconds(attempt, rand=self._rand)
             if time.monotonic() + delay + _MIN_ATTEMPT_SECONDS > deadline:
-                raise _final_error(result, attempt)
+                raise _final_error(result, attempt, delivery.batch.event_ids)
             await self._sleep(delay)
 
     async def _attempt(self, url: str, content: bytes, budget: float) -> _Attempt:
@@ -149,18 +156,21 @@ class GraphClient:
         return _Attempt(verdict, status=answer.status, payload=payload)
 
 
-def _final_error(result: _Attempt, attempts: int) -> UpstreamError:
+def _final_error(result: _Attempt, attempts: int, event_ids: list[str]) -> UpstreamError:
     error = (result.payload or {}).get("error") or {}
     upstream: dict[str, Any] = {k: error[k] for k in _UPSTREAM_KEYS if k in error}
     upstream["http_status"] = result.status
     upstream["attempts"] = attempts
     meta_says = error.get("error_user_msg") or error.get("message") or ""
     if result.verdict is Verdict.REJECTED:
-        return UpstreamRejected(f"Meta rejected the event: {meta_says}".rstrip(": "), upstream)
+        return UpstreamRejected(
+            f"Meta rejected the event: {meta_says}".rstrip(": "), upstream, event_ids=event_ids
+        )
     if result.verdict is Verdict.AUTH:
         return UpstreamAuth(
             f"Meta refused the access token or its permissions: {meta_says}".rstrip(": "),
             upstream,
+            event_ids=event_ids,
         )
     what = {"timeout": "timed out", "connection": "could not connect"}.get(
         result.failure, f"answered HTTP {result.status}"
@@ -169,5 +179,6 @@ def _final_error(result: _Attempt, attempts: int) -> UpstreamError:
         f"Meta's Graph API is unavailable ({what}; gave up after {attempts} attempt"
         f"{'s' if attempts > 1 else ''}). Safe to retry with the same event_id.",
         upstream,
+        event_ids=event_ids,
         status=504 if result.failure == "timeout" else 502,
     )

@@ -1,7 +1,9 @@
 """What to do with a Graph API answer: a table from status/error code to a verdict.
 
 Meta's `type` is often OAuthException even for throttling, so the table reads `code`.
-Source: Meta's Graph API error handling and Conversions API best practices (capi-facts.md).
+Sources: Meta's Graph API error handling
+(https://developers.facebook.com/docs/graph-api/guides/error-handling) and the Conversions API
+best practices (https://developers.facebook.com/docs/marketing-api/conversions-api/best-practices).
 """
 
 from __future__ import annotations

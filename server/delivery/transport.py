@@ -1,8 +1,8 @@
 """How Graph requests leave the process: one POST of JSON bytes, one status and body back.
 
 Production sends with aiohttp directly. Through httpx, even on its aiohttp transport, a call
-cost ~240 µs more CPU (bench/hotpath.py: 650 µs against 177 for a bare aiohttp forwarder), and
-httpx's own pool collapses under concurrency (measurements.md). httpx stays the adapter for
+cost ~240 µs more CPU (bench/hotpath.py: 650 µs against 177 for a bare aiohttp forwarder;
+BENCHMARKS.md). httpx stays the adapter for
 in-process transports: the sandbox (ASGITransport) and tests (MockTransport).
 """
 
