@@ -59,17 +59,22 @@ class BadRequest(FunnelgateError):
 class InvalidParameters(BadRequest):
     code = "INVALID_PARAMETERS"
 
-    def __init__(self, violations: list[Violation]) -> None:
+    def __init__(self, violations: list[Violation], *, more: bool = False) -> None:
         first = violations[0]
-        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-        super().__init__(f"{first.path}: {first.message}{more}")
+        count = f"{len(violations) - 1}{'+' if more else ''}"
+        others = f" (and {count} more)" if len(violations) > 1 or more else ""
+        super().__init__(f"{first.path}: {first.message}{others}")
         self.violations = violations
+        self.more = more  # violations past the listed ones were not looked for
 
     def body(self) -> dict[str, Any]:
-        return {
+        body = {
             **super().body(),
             "errors": [{"path": v.path, "message": v.message} for v in self.violations],
         }
+        if self.more:
+            body["errors_truncated"] = True
+        return body
 
 
 class IntegrationNotEnabled(FunnelgateError):

@@ -1,44 +1,126 @@
-"""Schema validation of tool parameters, reporting every violation by path.
+"""Schema validation of tool parameters, reporting violations by path.
 
 Valid parameters (the common case) are confirmed by jsonschema-rs, compiled once (~1 µs
 against ~100 µs); only when it says no does `jsonschema`, the reference, walk the parameters
-to name every violation. The reference has the last word, and a test runs both on a corpus
-to show they agree. Messages are written here rather than taken from jsonschema, whose text
-quotes the offending value (a customer's email, say): an error must never echo customer data.
+to name the violations. Both read `pattern` as ECMA-262 does (JSON Schema 2020-12 §6.4), so
+`$` ends the string: Python's own `$` would also match before a final newline. Where they
+still disagree the stricter one wins, and a test runs both over every pattern and a corpus.
+Messages are written here rather than taken from jsonschema, whose text quotes the
+offending value (a customer's email, say): an error must never echo customer data.
+
+Before either runs, the nesting depth is checked (tools/limits.py: MAX_DEPTH), and at most
+MAX_VIOLATIONS are listed, so a large invalid body costs a bounded amount of work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
+from functools import lru_cache
 from typing import Any
 
 import jsonschema_rs
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from server.errors import InvalidParameters
 from tools.base import Violation
+from tools.limits import MAX_DEPTH
+
+MAX_VIOLATIONS = 100
+
+
+@lru_cache(maxsize=256)
+def ecma_pattern(pattern: str) -> re.Pattern[str]:
+    """`pattern` compiled so that `$` outside a class matches only at the very end."""
+    out: list[str] = []
+    in_class = escaped = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        elif char == "$" and not in_class:
+            out.append(r"\Z")
+            continue
+        out.append(char)
+    return re.compile("".join(out))
+
+
+def _ecma_pattern_check(
+    validator: Any, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    if isinstance(instance, str) and not ecma_pattern(pattern).search(instance):
+        yield ValidationError(f"does not match {pattern!r}")
+
+
+_Reference = validators.extend(  # type: ignore[no-untyped-call]  # jsonschema is untyped here
+    Draft202012Validator, {"pattern": _ecma_pattern_check}
+)
+
+
+def nesting_violation(parameters: Any, limit: int = MAX_DEPTH) -> Violation | None:
+    """The first container nested deeper than `limit` below the parameters, by path."""
+    if not _deeper_than(parameters, limit):  # the usual case: no paths built
+        return None
+    stack: list[tuple[Any, int, str]] = [(parameters, 0, "parameters")]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth >= limit:
+            return Violation(path, f"nests deeper than {limit} levels")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(value, dict | list):
+                child = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+                stack.append((value, depth + 1, child))
+    return None
+
+
+def _deeper_than(root: Any, limit: int) -> bool:
+    stack = [(root, 0)] if isinstance(root, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth >= limit:
+            return True
+        values = node.values() if isinstance(node, dict) else node
+        stack.extend((value, depth + 1) for value in values if isinstance(value, dict | list))
+    return False
 
 
 class ParameterValidator:
     def __init__(self, tool_name: str, schema: Mapping[str, Any]) -> None:
         self._tool_name = tool_name
-        self._validator = Draft202012Validator(schema)
+        self._validator = _Reference(schema)
         self._fast = jsonschema_rs.Draft202012Validator(dict(schema))
 
     def check(self, parameters: Any) -> None:
-        """Raise InvalidParameters listing every violation, or return for valid parameters."""
+        """Raise InvalidParameters listing the violations, or return for valid parameters."""
+        if (too_deep := nesting_violation(parameters)) is not None:
+            raise InvalidParameters([too_deep])
         if self._fast.is_valid(parameters):
             return
-        violations = {
-            v for error in self._validator.iter_errors(parameters) for v in self._explain(error)
-        }
-        if violations:
-            raise InvalidParameters(sorted(violations, key=lambda v: v.path))
+        violations: set[Violation] = set()
+        more = False
+        for error in self._validator.iter_errors(parameters):
+            if len(violations) >= MAX_VIOLATIONS:
+                more = True
+                break
+            violations.update(self._explain(error))
+        if not violations:  # only the fast validator objects: it is the stricter, so it wins
+            violations = {
+                Violation(_path(error.instance_path), "does not satisfy the schema")
+                for error in self._fast.iter_errors(parameters)
+            }
+        ordered = sorted(violations, key=lambda v: v.path)
+        raise InvalidParameters(
+            ordered[:MAX_VIOLATIONS], more=more or len(ordered) > MAX_VIOLATIONS
+        )
 
     def _explain(self, error: ValidationError) -> list[Violation]:
-        path = "parameters" + "".join(
-            f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
-        )
+        path = _path(error.absolute_path)
         kind = error.validator
         expected: Any = error.validator_value
         instance: Any = error.instance
@@ -66,6 +148,9 @@ class ParameterValidator:
             "minLength": lambda: (
                 "must not be empty" if expected == 1 else f"must be at least {expected} characters"
             ),
+            "maxLength": lambda: f"must be at most {expected} characters",
+            "maxProperties": lambda: f"must have at most {expected} keys",
+            "maximum": lambda: f"must be at most {expected}",
             "minItems": lambda: f"must have at least {expected} item(s)",
             "maxItems": lambda: f"must have at most {expected} items",
             "minimum": lambda: f"must be at least {expected}",
@@ -73,3 +158,7 @@ class ParameterValidator:
         }
         explain = messages.get(str(kind))
         return [Violation(path, explain() if explain else f"does not satisfy '{kind}'")]
+
+
+def _path(parts: Any) -> str:
+    return "parameters" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)

@@ -18,6 +18,7 @@ import orjson
 
 from tools import funnel_event, lead_event, meta_conversion_event, send_events
 from tools.base import Tool
+from tools.limits import bounded
 
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 TOOLS: tuple[Tool, ...] = (
@@ -48,12 +49,12 @@ def load_catalog(openapi: dict[str, Any] | None = None) -> dict[str, Entry]:
 
 def tool_schema(schemas: dict[str, Any], tool: Tool) -> dict[str, Any]:
     """The published schema plus extension properties, closed to unknown parameters (a
-    misspelt customer field would otherwise vanish silently)."""
+    misspelt customer field would otherwise vanish silently), every value bounded (limits.py)."""
     schema = copy.deepcopy(schemas[tool.schema])
     for extension in tool.extensions:
         schema["properties"].update(copy.deepcopy(schemas[extension]["properties"]))
     schema["additionalProperties"] = False
-    resolved: dict[str, Any] = _inline_refs(schema, schemas)
+    resolved: dict[str, Any] = bounded(_inline_refs(schema, schemas))
     return resolved
 
 

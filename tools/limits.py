@@ -1,0 +1,73 @@
+"""Bounds on every parameter, applied to each tool's schema before any other check runs.
+
+The published ActionKit schemas set no lengths, so the catalog adds them here: a string is
+refused by its `maxLength` before a pattern, a parser or a hash ever sees it. Per field where a
+standard or Meta sets one, a generous default elsewhere. The README's "Limits" table mirrors it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# RFC 5321 §4.5.3.1: a path (an address) is at most 256 octets with its angle brackets.
+EMAIL = 254
+URL = 4096
+DEFAULT_STRING = 1024
+# Longest lengths by parameter name, camelCase and CAPI's snake_case alike.
+STRING_LIMITS = {
+    **dict.fromkeys(("customerEmail", "em"), EMAIL),
+    **dict.fromkeys(("customerPhone", "ph"), 64),
+    **dict.fromkeys(("customerFirstName", "customerLastName", "fn", "ln"), 256),
+    **dict.fromkeys(("customerCity", "ct", "customerState", "st"), 256),
+    **dict.fromkeys(("customerCountryCode", "country"), 64),
+    **dict.fromkeys(("customerZip", "zp"), 32),
+    **dict.fromkeys(("customerGender", "ge"), 16),
+    **dict.fromkeys(("customerDateOfBirth", "db"), 32),
+    **dict.fromkeys(("customerExternalId", "external_id"), 512),
+    **dict.fromkeys(("customerClientIpAddress", "client_ip_address"), 64),
+    **dict.fromkeys(("customerClientUserAgent", "client_user_agent"), 2048),
+    **dict.fromkeys(("eventSourceUrl", "event_source_url", "referrer_url"), URL),
+    **dict.fromkeys(("eventTime",), 64),
+    **dict.fromkeys(("pixel", "pixel_id"), 32),
+    # A list of ids in one string: room for a cart of a few hundred ids.
+    "contentId": 16384,
+}
+# Arrays without a bound of their own: Meta takes at most 1,000 events, and lists in an event
+# (contents, content_ids) are far shorter in practice.
+MAX_ITEMS = 1000
+# Free-form objects (custom_data's extra keys, app_data): keys at most.
+MAX_PROPERTIES = 100
+# Integers beyond 2**53 lose precision in JSON (RFC 7493 §2.2) and mean nothing to Meta.
+MAX_INTEGER = 2**53 - 1
+# Nesting of the parameters object, counted from it: the schemas need 5 (events[].custom_data.
+# contents[].x); free-form parts may nest a little more, never deep enough to endanger a parser.
+MAX_DEPTH = 16
+
+
+def bounded(node: Any, name: str = "") -> Any:
+    """A copy of a JSON Schema with a length, count or range on every string, array, free
+    object and integer that has none; `name` is the property the node describes."""
+    if isinstance(node, list):
+        return [bounded(item, name) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {prop: bounded(schema, prop) for prop, schema in value.items()}
+        elif key in ("items", "oneOf", "anyOf", "allOf", "additionalProperties"):
+            out[key] = bounded(value, name)
+        else:
+            out[key] = value
+    types = node.get("type")
+    types = set(types) if isinstance(types, list) else {types}
+    if "string" in types:
+        out.setdefault("maxLength", STRING_LIMITS.get(name, DEFAULT_STRING))
+    if "array" in types:
+        out.setdefault("maxItems", MAX_ITEMS)
+    if "integer" in types:
+        out.setdefault("maximum", MAX_INTEGER)
+        out.setdefault("minimum", -MAX_INTEGER)
+    if "object" in types and node.get("additionalProperties", True) is not False:
+        out.setdefault("maxProperties", MAX_PROPERTIES)
+    return out
