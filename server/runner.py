@@ -8,12 +8,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
+
 from server.config import Project
 from server.delivery.graph import Delivery, Sender, request_body
 from server.errors import IntegrationNotEnabled, InvalidParameters, NotFound
 from server.storage.credentials import CredentialStore
 from server.validation import ParameterValidator
-from tools.base import Answer, BuildContext, EventBatch, InvalidEvent
+from tools.base import Answer, BuildContext, EventBatch, InvalidEvent, Violation
 from tools.capi import match_keys
 from tools.catalog import Entry
 
@@ -75,7 +77,10 @@ class Runner:
         unless every check passed."""
         batch = self.prepare(project, tool_name, parameters)
         token = self.access_token(project, user_id)
-        delivery = Delivery(batch, token, project.facebook_app_secret)
+        try:
+            delivery = Delivery(batch, token, project.facebook_app_secret)
+        except orjson.JSONEncodeError:
+            raise InvalidParameters([Violation("parameters", "cannot be sent as JSON")]) from None
         answer = await self._sender.send(delivery, project_id=project.id)
         return self.catalog[tool_name].tool.present(answer, parameters)
 

@@ -6,20 +6,22 @@ while a busy one makes a request per group instead of per call (the outbound req
 largest cost of a call: BENCHMARKS.md). Every caller still gets its own answer.
 
 Meta accepts or refuses a request whole, so a refused group is resent one delivery at a time:
-one caller's bad event never fails another's. Credential and availability failures concern
-every event alike and reach every caller of the group.
+one caller's bad event never fails another's. So is a group whose request failed in any way
+that is not Meta's answer. Each caller's events were serialised in its own call (graph.py's
+Delivery), so nothing one caller sent can fail the shared request. Credential and
+availability failures concern every event alike and reach every caller of the group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from typing import Any
 
 from server.delivery.graph import MAX_EVENTS_PER_REQUEST, Delivery, GraphClient
 from server.errors import UpstreamError, UpstreamRejected
 from server.logs import log
-from tools.base import EventBatch
 
 # Deliveries that may share a request: same project, pixel, credentials and test code.
 _Key = tuple[str, str, str, str | None, str | None]
@@ -75,30 +77,26 @@ class Coalescer:
             _settle(future, answer)
 
     async def _together(self, project_id: str, group: list[_Waiting]) -> None:
-        first = group[0][0]
-        combined = Delivery(
-            EventBatch(
-                pixel_id=first.batch.pixel_id,
-                events=[event for delivery, _ in group for event in delivery.batch.events],
-                test_event_code=first.batch.test_event_code,
-            ),
-            first.access_token,
-            first.app_secret,
-        )
         try:
+            combined = Delivery.combined([delivery for delivery, _ in group])
             answer = await self._graph.send(combined, project_id=project_id)
         except UpstreamRejected:
             log("graph_group_refused", project=project_id, calls=len(group))
-            await asyncio.gather(*(self._alone(project_id, d, f) for d, f in group))
+            await self._each_alone(project_id, group)
         except UpstreamError as exc:
+            # Credentials and availability concern every event of the group alike.
             for delivery, future in group:
                 _settle(future, exc.for_caller(delivery.batch.event_ids))
-        except Exception as exc:  # unexpected: still answers everyone
-            for _, future in group:
-                _settle(future, exc)
+        except Exception as exc:  # not Meta's verdict: no caller pays for sharing
+            log("graph_group_failed", logging.ERROR, project=project_id, calls=len(group),
+                error=type(exc).__name__)  # fmt: skip
+            await self._each_alone(project_id, group)
         else:
             for delivery, future in group:
                 _settle(future, {**answer, "events_received": len(delivery.batch.events)})
+
+    async def _each_alone(self, project_id: str, group: list[_Waiting]) -> None:
+        await asyncio.gather(*(self._alone(project_id, d, f) for d, f in group))
 
 
 def _chunks(group: list[_Waiting]) -> list[list[_Waiting]]:

@@ -39,11 +39,34 @@ _UPSTREAM_KEYS = (
 
 @dataclass(frozen=True)
 class Delivery:
-    """One request to the /events edge: the events and the credentials to send them with."""
+    """One request to the /events edge: the events and the credentials to send them with.
+
+    The events are serialised when the delivery is made, in its own caller's call: a value
+    that cannot become JSON fails that call alone (orjson.JSONEncodeError), never a request
+    it would later share with others (coalesce.py).
+    """
 
     batch: EventBatch
     access_token: str = field(repr=False)
     app_secret: str | None = field(default=None, repr=False)
+    data: bytes = field(default=b"", repr=False)  # the events as a JSON array
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            object.__setattr__(self, "data", orjson.dumps(self.batch.events))
+
+    @classmethod
+    def combined(cls, deliveries: list[Delivery]) -> Delivery:
+        """One delivery of several deliveries' events (same pixel and credentials), reusing
+        the bytes each one already made."""
+        first = deliveries[0]
+        batch = EventBatch(
+            pixel_id=first.batch.pixel_id,
+            events=[event for d in deliveries for event in d.batch.events],
+            test_event_code=first.batch.test_event_code,
+        )
+        data = b"[" + b",".join(d.data[1:-1] for d in deliveries if d.batch.events) + b"]"
+        return cls(batch, first.access_token, first.app_secret, data)
 
 
 def request_body(batch: EventBatch) -> dict[str, Any]:
@@ -57,6 +80,7 @@ def request_body(batch: EventBatch) -> dict[str, Any]:
 def signed_body(delivery: Delivery) -> dict[str, Any]:
     """The JSON body Graph receives, token and appsecret_proof included."""
     body = request_body(delivery.batch)
+    body["data"] = orjson.Fragment(delivery.data)
     body["access_token"] = delivery.access_token
     if delivery.app_secret:
         body["appsecret_proof"] = hmac.new(
