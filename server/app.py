@@ -28,7 +28,13 @@ from server.config import Config
 from server.delivery.coalesce import Coalescer
 from server.delivery.graph import GraphClient, Sender
 from server.delivery.transport import AiohttpTransport, GraphTransport, HttpxTransport
-from server.errors import FunnelgateError, InternalError, MethodNotAllowed, NotFound
+from server.errors import (
+    FunnelgateError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+)
 from server.logs import elapsed_ms, log
 from server.mcp_endpoint import McpEndpoint, session_manager
 from server.responses import error_response
@@ -38,6 +44,7 @@ from server.storage.credentials import CredentialStore
 from tools.catalog import OPENAPI_PATH, load_catalog
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
+DEFAULT_MAX_IN_FLIGHT = 1024
 
 
 def create_app(
@@ -45,6 +52,7 @@ def create_app(
     *,
     graph_transport: GraphTransport | None = None,
     clock: Callable[[], float] = time.time,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> Starlette:
     """The ASGI app. `graph_transport` replaces the network to Graph (tests); by default
     Graph is reached with aiohttp, or in-process when the sandbox is on."""
@@ -91,6 +99,7 @@ def create_app(
     app.state.config = config
     app.state.tokens = VerifiedTokens(clock=clock)
     app.state.openapi_bytes = openapi_bytes
+    app.add_middleware(InFlightLimit, limit=max_in_flight)
     app.add_middleware(RequestLog)
     app.add_middleware(WithoutTrailingSlash)
     return app
@@ -132,6 +141,33 @@ class WithoutTrailingSlash:
             if raw:
                 scope["raw_path"] = raw.rstrip(b"/") or b"/"
         await self.app(scope, receive, send)
+
+
+class InFlightLimit:
+    """At most `limit` project calls in progress; past it, 503 OVERLOADED with Retry-After.
+
+    Bounds what waits on the loop (memory, Graph connections) under a burst. Health checks
+    and the OpenAPI document are never counted nor refused.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/projects/"):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            scope.setdefault("state", {})["error_code"] = Overloaded.code
+            await error_response(Overloaded())(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class RequestLog:

@@ -9,6 +9,7 @@
     ├── MethodNotAllowed ...... 405 METHOD_NOT_ALLOWED
     ├── PayloadTooLarge ....... 413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType .. 415 UNSUPPORTED_MEDIA_TYPE
+    ├── Overloaded ............ 503 OVERLOADED (retryable, Retry-After)
     ├── UpstreamError ......... Graph API failures (+ event_ids, upstream: {...})
     │   ├── UpstreamRejected .. 400 UPSTREAM_REJECTED
     │   ├── UpstreamAuth ...... 502 UPSTREAM_AUTH
@@ -119,6 +120,18 @@ class PayloadTooLarge(FunnelgateError):
 class UnsupportedMediaType(FunnelgateError):
     status = 415
     code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class Overloaded(FunnelgateError):
+    status = 503
+    code = "OVERLOADED"
+    retryable = True
+
+    def __init__(self) -> None:
+        super().__init__("funnelgate is at its limit of calls in progress; retry shortly.")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UpstreamError(FunnelgateError):
