@@ -114,12 +114,16 @@ async def _funnelgate_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Routing misses (404, 405) answered in the same JSON shape as every other error."""
     assert isinstance(exc, HTTPException)
-    error: FunnelgateError = (
-        MethodNotAllowed((exc.headers or {}).get("Allow", ""))
-        if exc.status_code == 405
-        else NotFound("No such path.")
-    )
-    return await _funnelgate_error(request, error)
+    if exc.status_code != 405:
+        return await _funnelgate_error(request, NotFound("No such path."))
+    # Starlette names only the first route of the path; several routes share one path here.
+    allowed = {
+        method
+        for route in request.app.routes
+        if isinstance(route, Route) and route.path_regex.match(request.url.path)
+        for method in route.methods or ()
+    }
+    return await _funnelgate_error(request, MethodNotAllowed(", ".join(sorted(allowed))))
 
 
 class WithoutTrailingSlash:

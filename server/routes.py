@@ -29,13 +29,45 @@ async def _run(request: Request, name_key: str) -> Response:
     if "parameters" not in body:
         raise BadRequest("The request body needs a 'parameters' object.", code="INVALID_REQUEST")
     runner: Runner = request.app.state.runner
+    parameters = body["parameters"]
     if _flag(request, "dry_run", default=False):
-        return json_response(runner.dry_run(project, user_id, tool_name, body["parameters"]))
-    answer = await runner.run(project, user_id, tool_name, body["parameters"])
+        return json_response(runner.dry_run(project, user_id, tool_name, parameters))
+    if (
+        isinstance(parameters, dict)
+        and "response_format" not in parameters
+        and tool_name in runner.catalog
+        and "response_format" in runner.catalog[tool_name].schema.get("properties", {})
+    ):
+        # Over HTTP the answer is JSON unless the caller asks for markdown: a client
+        # generated from openapi.json cannot parse text (MCP keeps seed 002's markdown).
+        fmt = "markdown" if _prefers_markdown(request.headers.get("accept", "")) else "json"
+        parameters = {**parameters, "response_format": fmt}
+    answer = await runner.run(project, user_id, tool_name, parameters)
     if isinstance(answer, JsonAnswer):
         request.state.fbtrace_id = answer.body.get("fbtrace_id")
         return json_response(answer.body)
     return Response(answer.text, media_type=answer.media_type)
+
+
+def _prefers_markdown(accept: str) -> bool:
+    """Whether `Accept` (RFC 9110 §12.5.1) ranks text/markdown above JSON."""
+    quality = {"markdown": 0.0, "json": 0.0}
+    for part in accept.split(",")[:32]:
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        if media == "text/markdown":
+            quality["markdown"] = max(quality["markdown"], q)
+        elif media in ("application/json", "application/*", "*/*"):
+            quality["json"] = max(quality["json"], q)
+    return quality["markdown"] > quality["json"]
 
 
 def _flag(request: Request, name: str, *, default: bool) -> bool:

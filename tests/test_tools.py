@@ -198,7 +198,8 @@ def test_project_default_test_event_code_is_forwarded(tmp_path: Path, rsa_key, s
 
 def test_conversion_event_hashes_raw_user_data_and_answers_markdown(client, graph, sign):
     hashed_phone = sha("16505551234")
-    parameters = {"pixel_id": PIXEL, **raw_event(), "test_event_code": "TEST1"}
+    parameters = {"pixel_id": PIXEL, **raw_event(), "test_event_code": "TEST1",
+                  "response_format": "markdown"}  # fmt: skip
     parameters["user_data"] = {**parameters["user_data"], "ph": [hashed_phone, "+1 650 555 9999"]}
     response = run(client, sign, "meta_send_conversion_event", parameters)
     assert response.status_code == 200
@@ -222,7 +223,10 @@ def test_conversion_event_answers_json_when_asked(client, sign):
 
 def test_conversion_event_markdown_warns_about_a_purchase_without_value(client, sign):
     response = run(
-        client, sign, "meta_send_conversion_event", {"pixel_id": PIXEL, **raw_event(custom_data={})}
+        client,
+        sign,
+        "meta_send_conversion_event",
+        {"pixel_id": PIXEL, **raw_event(custom_data={}), "response_format": "markdown"},
     )
     assert "warning: Purchase events should carry custom_data.value" in response.text
 
