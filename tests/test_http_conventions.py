@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import PIXEL, PROJECT, NOW, funnel_parameters, graph_error
+from tests.conftest import NOW, PIXEL, PROJECT, funnel_parameters, graph_error
 
 URL = f"/projects/{PROJECT}/tools"
 
