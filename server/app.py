@@ -32,7 +32,7 @@ from server.logs import elapsed_ms, log
 from server.mcp_endpoint import McpEndpoint, session_manager
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
-from server.storage.credentials import CredentialStore
+from server.storage.credentials import open_credentials
 from tools.catalog import OPENAPI_PATH, load_tools
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
@@ -57,7 +57,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        credentials = CredentialStore(config.database_path)
+        credentials = open_credentials(config.storage)
         transport = HttpxTransport(graph_transport) if graph_transport else None
         graph = GraphClient(graph_settings, transport)
         sender = Coalescer(graph) if graph_settings.coalesce else None
