@@ -232,15 +232,15 @@ def test_init_creates_keys_and_a_starter_config_that_serves_and_never_overwrites
 
 def started_summary(config: Path, env: dict[str, str] | None = None) -> str:
     """The line `serve` prints before it starts; the process is stopped once it is out."""
-    process = subprocess.Popen([FUNNELGATE, "serve", "--config", str(config), "--port", str(free_port())],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=env or clean_env())  # fmt: skip
-    try:
-        assert process.stderr is not None
-        return process.stderr.readline().rstrip("\n")  # bounded by the test timeout
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with subprocess.Popen([FUNNELGATE, "serve", "--config", str(config), "--port", str(free_port())],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=env or clean_env()) as process:  # fmt: skip
+        try:
+            assert process.stderr is not None
+            return process.stderr.readline().rstrip("\n")  # bounded by the test timeout
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
 
 
 def test_serve_prints_a_one_line_summary(project_dir: Path):

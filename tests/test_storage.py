@@ -8,6 +8,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,14 @@ def database_files(db: Path) -> list[Path]:
     return [db.with_name(db.name + suffix) for suffix in ("", "-wal", "-shm")]
 
 
-def raw(db: Path) -> sqlite3.Connection:
-    return sqlite3.connect(db, isolation_level=None)
+@contextmanager
+def raw(db: Path) -> Iterator[sqlite3.Connection]:
+    """A plain SQLite connection, as anyone with access to the file has."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 @pytest.fixture
@@ -183,37 +190,47 @@ def test_rotation_reseals_every_token_with_the_newest_key(db: Path, monkeypatch)
 
 def test_a_running_reader_follows_a_key_added_to_its_file(tmp_path: Path, db: Path):
     key_file = tmp_path / "secret.key"
-    add_secret_key(key_file)
+    old_key = add_secret_key(key_file)
     reader = open_credentials(from_file(db, key_file))  # the server, started before the rotation
+    reader_writes = open_credentials(from_file(db, key_file))
+    reader_writes.set("p1", "u0", OTHER)
+    reader_writes.close()
+    key_file.unlink()  # the old key leaves the file too early: the running reader keeps it
     new_key = add_secret_key(key_file)
-    writer = open_credentials(from_file(db, key_file))
+    writer = open_credentials(from_file(db, key_file), verify=False)
     writer.set("p1", "u1", TOKEN)
     writer.close()
-    assert writer_key(db) == new_key.id
+    assert writer_key(db, "u1") == new_key.id != old_key.id
     assert reader.get("p1", "u1") == TOKEN  # read the file again on meeting the new key id
+    assert reader.get("p1", "u0") == OTHER
 
     with raw(db) as conn:
-        conn.execute("UPDATE credentials SET key_id = 'feedfacefeedface'")
+        conn.execute("UPDATE credentials SET key_id = 'feedfacefeedface' WHERE user_id = 'u1'")
     with pytest.raises(SecretKeyError, match="feedfacefeedface, which is not configured"):
         reader.get("p1", "u1")
     reader.close()
 
 
-def writer_key(db: Path) -> str:
+def writer_key(db: Path, user: str) -> str:
     with raw(db) as conn:
-        return str(conn.execute("SELECT key_id FROM credentials").fetchone()[0])
+        return str(
+            conn.execute("SELECT key_id FROM credentials WHERE user_id = ?", (user,)).fetchone()[0]
+        )
 
 
 def make_0_1_database(db: Path, rows: list[tuple[str, str, str, int]]) -> None:
     """A database exactly as funnelgate 0.1 wrote it: tokens in plain text."""
-    conn = raw(db)
+    with raw(db) as conn:
+        make_0_1_tables(conn, rows)
+
+
+def make_0_1_tables(conn: sqlite3.Connection, rows: list[tuple[str, str, str, int]]) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS credentials (project_id TEXT NOT NULL, user_id TEXT NOT NULL, "
         "access_token TEXT NOT NULL, updated_at INTEGER NOT NULL, PRIMARY KEY (project_id, user_id))"
     )
     conn.executemany("INSERT INTO credentials VALUES (?, ?, ?, ?)", rows)
-    conn.close()
 
 
 def test_plaintext_rows_of_0_1_are_refused_without_a_key(db: Path):

@@ -150,6 +150,7 @@ class Keyring:
         self._use(keys)
 
     def _use(self, keys: Sequence[SecretKey]) -> None:
+        self._keys = tuple(keys)
         self._ciphers = {key.id: AESGCM(key.material) for key in keys}
         self.current_id = keys[0].id if keys else None
 
@@ -179,7 +180,10 @@ class Keyring:
 
     def _reloaded(self, key_id: str) -> AESGCM:
         if self._reload_from is not None:
-            self._use(read_secret_key_file(self._reload_from))
+            # The file's keys first; keys it no longer lists stay, as tokens may still use them.
+            from_file = read_secret_key_file(self._reload_from)
+            known = {key.id for key in from_file}
+            self._use([*from_file, *(key for key in self._keys if key.id not in known)])
             if key_id in self._ciphers:
                 return self._ciphers[key_id]
         configured = ", ".join(self._ciphers) or "none"
