@@ -40,11 +40,10 @@ from server.mcp_endpoint import McpEndpoint, session_manager
 from server.responses import error_response
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
-from server.storage.credentials import CredentialStore
+from server.storage.credentials import open_credentials
 from tools.catalog import OPENAPI_PATH, load_catalog
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
-DEFAULT_MAX_IN_FLIGHT = 1024
 
 
 def create_app(
@@ -52,7 +51,7 @@ def create_app(
     *,
     graph_transport: GraphTransport | None = None,
     clock: Callable[[], float] = time.time,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_in_flight: int | None = None,
 ) -> Starlette:
     """The ASGI app. `graph_transport` replaces the network to Graph (tests); by default
     Graph is reached with aiohttp, or in-process when the sandbox is on."""
@@ -69,7 +68,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        credentials = CredentialStore(config.database_path)
+        credentials = open_credentials(config.storage)
         transport = graph_transport or AiohttpTransport(graph_settings.max_connections)
         graph = GraphClient(graph_settings, transport)
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
@@ -99,7 +98,7 @@ def create_app(
     app.state.config = config
     app.state.tokens = VerifiedTokens(clock=clock)
     app.state.openapi_bytes = openapi_bytes
-    app.add_middleware(InFlightLimit, limit=max_in_flight)
+    app.add_middleware(InFlightLimit, limit=max_in_flight or config.server.max_in_flight)
     app.add_middleware(RequestLog)
     app.add_middleware(WithoutTrailingSlash)
     return app

@@ -1,10 +1,19 @@
 """The TOML configuration: loaded once at start-up into frozen settings.
 
-Every problem becomes one `ConfigError` line that names the file, the key and what is wrong.
+Every problem becomes one `ConfigError` line that names the file, the table, the key and what
+is wrong. Every table refuses keys it does not know (a misspelt key would otherwise be ignored
+in silence), and numbers must be numbers (TOML's `true` is not 1).
+
+Secrets (`facebook_access_token`, `facebook_app_secret`) come from the file itself, from a file
+named by `NAME_file` (as container secrets are mounted) or from the environment variable named
+by `NAME_env`; one of the three.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +24,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from server.errors import ConfigError
+from server.storage.crypto import ENV_VAR as SECRET_KEY_ENV
+from server.storage.crypto import SecretKey, parse_secret_keys, read_secret_key_file
 
 DEFAULT_GRAPH_BASE_URL = "https://graph.facebook.com"
 # The one place the Graph API version is pinned; versions are supported for at least two years.
 DEFAULT_GRAPH_API_VERSION = "v24.0"
+API_VERSION = re.compile(r"v[0-9]+\.[0-9]+")  # always fullmatch: `$` would allow a final "\n"
+MAX_SECRET_FILE_BYTES = 16 * 1024  # Meta's tokens are a few hundred bytes
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
@@ -37,6 +50,24 @@ class GraphSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    database_path: Path
+    # Newest first: the first seals, all open. From FUNNELGATE_SECRET_KEY, else secret_key_file.
+    secret_keys: tuple[SecretKey, ...] = field(default=(), repr=False)
+    # Read again when a stored token names a key added to the file after start-up.
+    secret_key_file: Path | None = None
+    secret_key_origin: str = ""  # for messages: where the keys came from
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_in_flight: int = 1024  # calls being processed at once; past it, 503 OVERLOADED
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs and CIDR networks).
+    trusted_proxies: tuple[str, ...] = ()
+    shutdown_seconds: float = 10.0  # how long in-flight calls may finish on SIGTERM
+
+
+@dataclass(frozen=True)
 class Project:
     id: str
     public_key: PublicKey = field(repr=False)
@@ -49,17 +80,33 @@ class Project:
 @dataclass(frozen=True)
 class Config:
     graph: GraphSettings
-    database_path: Path
+    storage: StorageSettings
     projects: dict[str, Project]
+    server: ServerSettings = field(default_factory=ServerSettings)
     source: Path | None = None
+
+    @property
+    def database_path(self) -> Path:
+        return self.storage.database_path
+
+
+_TOP_LEVEL = ("graph", "storage", "server", "projects")
+_STORAGE_KEYS = ("url", "secret_key_file")
+_SECRETS = ("facebook_access_token", "facebook_app_secret")
+_PROJECT_KEYS = (
+    "id", "jwt_public_key", "jwt_public_key_file", "default_phone_region", "test_event_code",
+    *(f"{name}{suffix}" for name in _SECRETS for suffix in ("", "_file", "_env")),
+)  # fmt: skip
 
 
 def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
-    """Read and check a config file; `env` supplies FUNNELGATE_GRAPH_BASE_URL overrides."""
+    """Read and check a config file; `env` supplies the FUNNELGATE_* overrides and `*_env`."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: not valid TOML ({exc})") from None
     return parse_config(raw, base_dir=path.resolve().parent, source=path, env=env or {})
@@ -69,21 +116,30 @@ def parse_config(
     raw: dict[str, Any], *, base_dir: Path, source: Path | None = None, env: dict[str, str]
 ) -> Config:
     where = f"config {source}" if source else "config"
-    graph = _graph(_table(raw, "graph", where), where)
+    _refuse_unknown(raw, _TOP_LEVEL, f"{where}, top level")
+    graph = _graph(_table(raw, "graph", where), f"{where}, [graph]")
     if url := env.get("FUNNELGATE_GRAPH_BASE_URL"):
         graph = GraphSettings(**{**graph.__dict__, "base_url": url.rstrip("/")})
-    storage = _table(raw, "storage", where)
-    database = _sqlite_path(_str(storage, "url", where, "sqlite:///funnelgate.db"), base_dir, where)
+    storage = _storage(_table(raw, "storage", where), base_dir, env, f"{where}, [storage]")
+    server = _server(_table(raw, "server", where), f"{where}, [server]")
     projects_raw = raw.get("projects", [])
     if not isinstance(projects_raw, list) or not projects_raw:
         raise ConfigError(f"{where}: at least one [[projects]] table is required")
     projects: dict[str, Project] = {}
     for index, item in enumerate(projects_raw):
-        project = _project(item, base_dir, f"{where}: projects[{index}]")
+        project = _project(item, base_dir, env, f"{where}, [[projects]] #{index + 1}")
         if project.id in projects:
             raise ConfigError(f"{where}: project id {project.id!r} appears twice")
         projects[project.id] = project
-    return Config(graph=graph, database_path=database, projects=projects, source=source)
+    return Config(graph=graph, storage=storage, server=server, projects=projects, source=source)
+
+
+def _refuse_unknown(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise ConfigError(f"{where}: unknown key {key!r} ({hint})")
 
 
 def _table(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -100,51 +156,116 @@ def _str(table: dict[str, Any], key: str, where: str, default: str | None = None
     return value
 
 
+def _number(table: dict[str, Any], key: str, where: str, default: float) -> float:
+    """A positive number; TOML's booleans are refused (Python counts them as integers)."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{where}: {key} must be a positive number")
+    return float(value)
+
+
+def _count(table: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: {key} must be a positive integer")
+    return value
+
+
+def _flag(table: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false")
+    return value
+
+
 def _graph(table: dict[str, Any], where: str) -> GraphSettings:
     defaults = GraphSettings()
-    known = set(defaults.__dict__)
-    if unknown := set(table) - known:
-        raise ConfigError(f"{where}: unknown key(s) in [graph]: {', '.join(sorted(unknown))}")
-    for key in ("timeout_seconds", "retry_deadline_seconds"):
-        value = table.get(key, getattr(defaults, key))
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{where}: graph.{key} must be a positive number")
-    for key in ("sandbox", "coalesce"):
-        if not isinstance(table.get(key, False), bool):
-            raise ConfigError(f"{where}: graph.{key} must be true or false")
-    if "max_connections" in table and (
-        not isinstance(table["max_connections"], int) or table["max_connections"] < 1
-    ):
-        raise ConfigError(f"{where}: graph.max_connections must be a positive integer")
+    _refuse_unknown(table, tuple(defaults.__dict__), where)
     base_url = _str(table, "base_url", where, defaults.base_url).rstrip("/")
     if not base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}: graph.base_url must start with http:// or https://")
+        raise ConfigError(f"{where}: base_url must start with http:// or https://")
+    api_version = _str(table, "api_version", where, defaults.api_version)
+    if not API_VERSION.fullmatch(api_version):
+        raise ConfigError(f"{where}: api_version must look like v24.0 (got {api_version!r})")
     return GraphSettings(
         base_url=base_url,
-        api_version=_str(table, "api_version", where, defaults.api_version),
-        timeout_seconds=float(table.get("timeout_seconds", defaults.timeout_seconds)),
-        retry_deadline_seconds=float(
-            table.get("retry_deadline_seconds", defaults.retry_deadline_seconds)
+        api_version=api_version,
+        timeout_seconds=_number(table, "timeout_seconds", where, defaults.timeout_seconds),
+        retry_deadline_seconds=_number(
+            table, "retry_deadline_seconds", where, defaults.retry_deadline_seconds
         ),
-        max_connections=int(table.get("max_connections", defaults.max_connections)),
-        coalesce=bool(table.get("coalesce", defaults.coalesce)),
-        sandbox=bool(table.get("sandbox", False)),
+        max_connections=_count(table, "max_connections", where, defaults.max_connections),
+        coalesce=_flag(table, "coalesce", where, defaults.coalesce),
+        sandbox=_flag(table, "sandbox", where, defaults.sandbox),
     )
+
+
+def _storage(
+    table: dict[str, Any], base_dir: Path, env: dict[str, str], where: str
+) -> StorageSettings:
+    _refuse_unknown(table, _STORAGE_KEYS, where)
+    database = _sqlite_path(_str(table, "url", where, "sqlite:///funnelgate.db"), base_dir, where)
+    if from_env := env.get(SECRET_KEY_ENV, "").strip():  # wins over the file, as env does
+        keys = parse_secret_keys(from_env, SECRET_KEY_ENV)
+        return StorageSettings(database, keys, None, SECRET_KEY_ENV)
+    if "secret_key_file" not in table:
+        return StorageSettings(database)
+    key_file = base_dir / _str(table, "secret_key_file", where)
+    try:
+        keys = read_secret_key_file(key_file)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return StorageSettings(database, keys, key_file, f"secret_key_file {key_file}")
 
 
 def _sqlite_path(url: str, base_dir: Path, where: str) -> Path:
     prefix = "sqlite:///"
     if not url.startswith(prefix):
-        raise ConfigError(f"{where}: storage.url must be sqlite:///PATH (got scheme of {url!r})")
+        raise ConfigError(f"{where}: url must be sqlite:///PATH (got scheme of {url!r})")
     path = Path(url[len(prefix) :])
     return path if path.is_absolute() else base_dir / path
 
 
-def _project(item: Any, base_dir: Path, where: str) -> Project:
+def _server(table: dict[str, Any], where: str) -> ServerSettings:
+    defaults = ServerSettings()
+    _refuse_unknown(table, tuple(defaults.__dict__), where)
+    proxies = table.get("trusted_proxies", [])
+    if not isinstance(proxies, list):
+        raise ConfigError(f"{where}: trusted_proxies must be a list of IP addresses or networks")
+    return ServerSettings(
+        max_in_flight=_count(table, "max_in_flight", where, defaults.max_in_flight),
+        trusted_proxies=tuple(_proxy(entry, where) for entry in proxies),
+        shutdown_seconds=_number(table, "shutdown_seconds", where, defaults.shutdown_seconds),
+    )
+
+
+def _proxy(entry: Any, where: str) -> str:
+    """An IP address or a CIDR network, as uvicorn's `forwarded_allow_ips` matches them.
+
+    uvicorn treats anything else as a literal that no client address equals, so a typo would
+    trust nobody in silence; `*` (trust everyone) is not offered.
+    """
+    bad = f"{where}: trusted_proxies: {entry!r} is not an IP address or CIDR network"
+    if not isinstance(entry, str):
+        raise ConfigError(bad)
+    try:
+        if "/" not in entry:
+            return str(ipaddress.ip_address(entry))
+        network = ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        raise ConfigError(bad) from None
+    if str(network) != entry:
+        raise ConfigError(f"{where}: trusted_proxies: {entry!r} has host bits set ({network}?)")
+    return entry
+
+
+def _project(item: Any, base_dir: Path, env: dict[str, str], where: str) -> Project:
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: must be a table")
+    if isinstance(item.get("id"), str):
+        where = f"{where} ({item['id']!r})"
+    _refuse_unknown(item, _PROJECT_KEYS, where)
     project_id = _str(item, "id", where)
-    where = f"{where} ({project_id})"
     if "jwt_public_key" in item:
         pem = _str(item, "jwt_public_key", where).encode()
         origin = "jwt_public_key"
@@ -163,9 +284,7 @@ def _project(item: Any, base_dir: Path, where: str) -> Project:
         raise ConfigError(f"{where}: {origin} must be an RSA or EC (P-256) public key")
     if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve, ec.SECP256R1):
         raise ConfigError(f"{where}: {origin} must use the P-256 curve for ES256")
-    optional = ("facebook_access_token", "facebook_app_secret", "default_phone_region",
-                "test_event_code")  # fmt: skip
-    for name in optional:
+    for name in ("default_phone_region", "test_event_code"):
         value = item.get(name)
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"{where}: {name} must be a non-empty string")
@@ -175,8 +294,40 @@ def _project(item: Any, base_dir: Path, where: str) -> Project:
     return Project(
         id=project_id,
         public_key=key,
-        facebook_access_token=item.get("facebook_access_token"),
-        facebook_app_secret=item.get("facebook_app_secret"),
+        facebook_access_token=_secret(item, "facebook_access_token", base_dir, env, where),
+        facebook_app_secret=_secret(item, "facebook_app_secret", base_dir, env, where),
         default_phone_region=region.upper() if region else None,
         test_event_code=item.get("test_event_code"),
     )
+
+
+def _secret(
+    table: dict[str, Any], name: str, base_dir: Path, env: dict[str, str], where: str
+) -> str | None:
+    """`name` itself, the file `name_file` holds (trimmed), or the variable `name_env` names."""
+    given = [key for key in (name, f"{name}_file", f"{name}_env") if key in table]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConfigError(f"{where}: set only one of {', '.join(given)}")
+    key = given[0]
+    value = _str(table, key, where)
+    if key == name:
+        return value
+    if key.endswith("_env"):
+        secret = env.get(value, "").strip()
+        if not secret:
+            raise ConfigError(f"{where}: {key}: the environment variable {value} is not set")
+        return secret
+    path = base_dir / value
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_SECRET_FILE_BYTES + 1)
+        secret = data.decode("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {key} {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {key} {path} is not UTF-8 text") from None
+    if len(data) > MAX_SECRET_FILE_BYTES or not secret:
+        raise ConfigError(f"{where}: {key} {path} must hold one secret (empty or too large)")
+    return secret

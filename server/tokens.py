@@ -20,6 +20,10 @@ def mint_user_token(
     now: float | None = None,
 ) -> str:
     """An RS256 (RSA key) or ES256 (P-256 key) JWT with sub, iat, exp and the Paragon aud."""
+    if ttl_seconds <= 0:  # a token that is born expired only ever answers 401
+        raise ConfigError(
+            f"the token lifetime must be a positive number of seconds (got {ttl_seconds})"
+        )
     try:
         key = load_pem_private_key(private_key_pem, password=None)
     except (ValueError, TypeError):

@@ -19,10 +19,12 @@ from starlette.testclient import TestClient
 from server.app import create_app
 from server.config import Config, parse_config
 from server.delivery.transport import HttpxTransport
+from server.storage.crypto import new_secret_key
 
 PROJECT = "5f1b0c3e-aaaa-bbbb-cccc-000000000001"
 PIXEL = "123456789012345"
 NOW = 1_795_000_000.0  # 2026-11-18T11:06:40Z, fixed so event times are deterministic
+SECRET_KEY = new_secret_key()  # encrypts the stored access tokens of make_config's database
 
 
 def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
@@ -74,7 +76,7 @@ def make_config(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, **project: Any) -> C
         "storage": {"url": "sqlite:///funnelgate.db"},
         "projects": [project_table(rsa_key, **project)],
     }
-    return parse_config(raw, base_dir=tmp_path, env={})
+    return parse_config(raw, base_dir=tmp_path, env={"FUNNELGATE_SECRET_KEY": SECRET_KEY})
 
 
 @dataclass

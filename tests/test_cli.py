@@ -15,16 +15,24 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import private_pem, public_pem
+from server.storage.crypto import add_secret_key, new_secret_key
+from tests.conftest import funnel_parameters, private_pem, public_pem
+from tests.fakegraph import FakeGraphServer
+from tests.live import serving
 from tests.test_e2e import free_port
 
 FUNNELGATE = str(Path(sys.executable).parent / "funnelgate")
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without funnelgate's own variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNNELGATE_")}
+    return {**env, **extra}
+
+
 def funnelgate(
-    *args: str, cwd: Path | None = None, stdin: str | None = None
+    *args: str, cwd: Path | None = None, stdin: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "FUNNELGATE_CONFIG"}
     return subprocess.run(
         [FUNNELGATE, *args],
         capture_output=True,
@@ -32,7 +40,7 @@ def funnelgate(
         cwd=cwd,
         input=stdin,
         timeout=30,
-        env=env,
+        env=env or clean_env(),
     )
 
 
@@ -41,7 +49,9 @@ def project_dir(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> Path:
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "project.pub.pem").write_text(public_pem(rsa_key))
     (tmp_path / "keys" / "project.pem").write_bytes(private_pem(rsa_key))
+    add_secret_key(tmp_path / "secret.key")
     (tmp_path / "funnelgate.toml").write_text(
+        '[storage]\nsecret_key_file = "secret.key"\n'
         '[[projects]]\nid = "p1"\njwt_public_key_file = "keys/project.pub.pem"\n'
     )
     return tmp_path
@@ -66,6 +76,13 @@ def project_dir(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> Path:
             "sqlite:///",
         ),
         ("", "at least one [[projects]]"),
+        (
+            '[[projects]]\nid = "p1"\njwt_public_key = "x"\nfacebook_acess_token = "EAAB-x"\n',
+            "unknown key 'facebook_acess_token' (did you mean 'facebook_access_token'?)",
+        ),
+        ('[graf]\nsandbox = true\n[[projects]]\nid = "p"\n', "unknown key 'graf'"),
+        ("[graph]\nmax_connections = true\n", "max_connections must be a positive integer"),
+        ('[graph]\napi_version = "24.0"\n', "api_version must look like v24.0"),
     ],
 )
 def test_config_errors_stop_startup_with_one_clear_line(tmp_path: Path, config_text, expected):
@@ -124,7 +141,7 @@ def test_credentials_set_list_remove_never_print_the_token(project_dir: Path):
 
 def test_first_run_without_config_prints_a_curl_that_the_sandbox_accepts(tmp_path: Path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "FUNNELGATE_CONFIG"}
+    env = clean_env()
     out = tmp_path / "out.txt"
     with out.open("w") as stdout:
         process = subprocess.Popen([FUNNELGATE, "serve", "--port", str(port)], cwd=tmp_path,
@@ -151,10 +168,334 @@ def test_first_run_without_config_prints_a_curl_that_the_sandbox_accepts(tmp_pat
         assert event["custom_data"]["content_ids"] == ["ABC123", "XYZ789"]
         assert recorded[0]["body"]["access_token"] == "[redacted]"
         assert (tmp_path / ".funnelgate" / "config.toml").exists()
-        assert (
-            oct((tmp_path / ".funnelgate" / "keys" / "project.pem").stat().st_mode & 0o777)
-            == "0o600"
-        )
+        for private in ("keys/project.pem", "secret.key", "config.toml"):
+            assert oct((tmp_path / ".funnelgate" / private).stat().st_mode & 0o777) == "0o600"
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_version():
+    result = funnelgate("--version")
+    assert result.returncode == 0
+    assert re.fullmatch(r"funnelgate \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+@pytest.mark.parametrize("ttl", ["0", "-60"])
+def test_token_lifetime_must_be_positive(project_dir: Path, ttl: str):
+    result = funnelgate("token", "--config", str(project_dir / "funnelgate.toml"), "--project", "p1",
+                        "--user", "alice", "--ttl", ttl, "--private-key-file", str(project_dir / "keys/project.pem"))  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"funnelgate: the token lifetime must be a positive number of seconds (got {ttl})"
+    ]
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_init_creates_keys_and_a_starter_config_that_serves_and_never_overwrites(tmp_path: Path):
+    root = tmp_path / "site"
+    result = funnelgate("init", str(root))
+    assert result.returncode == 0, result.stderr
+    config = root / "config.toml"
+    text = config.read_text()
+    project_id = re.search(r'^id = "([0-9a-f-]{36})"$', text, re.M).group(1)
+    assert project_id in result.stdout and "funnelgate serve --config" in result.stdout
+    assert "sandbox = true" not in text.replace("# sandbox = true", "")
+    assert (mode(root / "keys/project.pem"), mode(root / "secret.key"), mode(config)) == (
+        0o600,
+    ) * 3
+    for secret in ((root / "keys/project.pem").read_text(), (root / "secret.key").read_text()):
+        key_lines = [
+            line for line in secret.splitlines() if line and not line.startswith(("#", "-----"))
+        ]
+        assert not any(line in result.stdout for line in key_lines)
+
+    # the generated key pair signs tokens the config verifies, the secret key seals credentials
+    minted = funnelgate("token", "--config", str(config), "--project", project_id, "--user", "u",
+                        "--private-key-file", str(root / "keys/project.pem"))  # fmt: skip
+    assert minted.returncode == 0, minted.stderr
+    stored = funnelgate("credentials", "set", "--config", str(config), "--project", project_id,
+                        "--user", "u", "--access-token-file", "-", stdin="EAAB-init-token")  # fmt: skip
+    assert stored.returncode == 0, stored.stderr
+
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    again = funnelgate("init", str(root))
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"funnelgate: {config} already exists: init never overwrites a file"
+    ]
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def started_summary(config: Path, env: dict[str, str] | None = None) -> str:
+    """The line `serve` prints before it starts; the process is stopped once it is out."""
+    with subprocess.Popen([FUNNELGATE, "serve", "--config", str(config), "--port", str(free_port())],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=env or clean_env()) as process:  # fmt: skip
+        try:
+            assert process.stderr is not None
+            return process.stderr.readline().rstrip("\n")  # bounded by the test timeout
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def test_serve_prints_a_one_line_summary(project_dir: Path):
+    config = project_dir / "funnelgate.toml"
+    config.write_text(
+        config.read_text()
+        + '[[projects]]\nid = "p2"\njwt_public_key_file = "keys/project.pub.pem"\n'
+        'facebook_access_token = "EAAB-summary-secret"\n'
+    )
+    line = started_summary(config, clean_env(FUNNELGATE_GRAPH_BASE_URL="http://127.0.0.1:9"))
+    assert re.fullmatch(
+        r"funnelgate \S+ on http://127\.0\.0\.1:\d+: 2 project\(s\) \(p1, p2\); "
+        r"Graph http://127\.0\.0\.1:9 v24\.0; sandbox off",
+        line,
+    ), line
+
+
+def test_a_real_config_with_the_sandbox_on_is_a_warning(project_dir: Path):
+    config = project_dir / "funnelgate.toml"
+    config.write_text("[graph]\nsandbox = true\n" + config.read_text())
+    line = started_summary(config)
+    assert "Graph the built-in sandbox v24.0" in line
+    assert line.endswith(
+        "WARNING: sandbox ON, events go to the built-in sandbox and never reach Meta"
+    )
+
+
+def test_serve_freezes_start_up_objects_once_the_app_has_started(project_dir: Path):
+    """gc.freeze() belongs to the serving process; a stand-in main loop reports and stops."""
+    code = (
+        "import gc, sys\n"
+        "import uvicorn.server\n"
+        "async def report_and_stop(self):\n"
+        "    print('frozen', gc.get_freeze_count(), flush=True)\n"
+        "    self.should_exit = True\n"
+        "uvicorn.server.Server.main_loop = report_and_stop\n"
+        "from server.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "serve", "--config", str(project_dir / "funnelgate.toml"),
+         "--port", str(free_port())],
+        capture_output=True, text=True, timeout=30, env=clean_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) > 10_000
+
+
+async def echo_client(scope, receive, send) -> None:
+    """What the app sees of the caller: its address and scheme."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = json.dumps({"client": scope["client"][0], "scheme": scope["scheme"]}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize(
+    ("proxies", "seen"),
+    [
+        ("[]", {"client": "127.0.0.1", "scheme": "http"}),
+        ('["10.0.0.0/8"]', {"client": "127.0.0.1", "scheme": "http"}),
+        ('["127.0.0.1"]', {"client": "203.0.113.9", "scheme": "https"}),
+        ('["127.0.0.0/8", "::1"]', {"client": "203.0.113.9", "scheme": "https"}),
+    ],
+)
+def test_forwarded_headers_are_believed_only_from_trusted_proxies(project_dir: Path, proxies, seen):
+    import threading
+
+    import uvicorn
+
+    from server.cli import uvicorn_config
+    from server.config import load_config
+
+    path = project_dir / "funnelgate.toml"
+    path.write_text(
+        f"[server]\ntrusted_proxies = {proxies}\nshutdown_seconds = 2.5\n" + path.read_text()
+    )
+    settings = uvicorn_config(echo_client, load_config(path, {}), "127.0.0.1", free_port())
+    assert settings.timeout_graceful_shutdown == 3
+    assert settings.proxy_headers is (proxies != "[]")  # no trusted proxy: no rewrite at all
+    server = uvicorn.Server(settings)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.02)
+        answer = httpx.get(f"http://127.0.0.1:{settings.port}/", timeout=5,
+                           headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})  # fmt: skip
+        assert answer.json() == seen
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def database_files(db: Path) -> list[Path]:
+    return [db.with_name(db.name + suffix) for suffix in ("", "-wal", "-shm")]
+
+
+def assert_private_and_sealed(db: Path, secrets: list[str], *, all_three: bool) -> None:
+    """Every database file there is: mode 0600, and not one raw byte of any token."""
+    files = [path for path in database_files(db) if path.exists()]
+    assert files[0] == db and (len(files) == 3 or not all_three), files
+    for path in files:
+        assert mode(path) == 0o600, path
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in data, (path, secret)
+
+
+def user_token(key: rsa.RSAPrivateKey, user: str, project: str = "p1") -> str:
+    now = int(time.time())
+    claims = {"sub": user, "iat": now, "exp": now + 600, "aud": f"useparagon.com/{project}"}
+    return jwt.encode(claims, key, algorithm="RS256")
+
+
+def wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("funnelgate serve did not become ready")
+
+
+def test_tokens_are_encrypted_in_every_file_and_rotate_while_serving(project_dir: Path, rsa_key):
+    config, db = project_dir / "funnelgate.toml", project_dir / "funnelgate.db"
+    key_file = project_dir / "secret.key"
+    old_key_lines = [line for line in key_file.read_text().splitlines() if not line.startswith("#")]
+    first, second = "EAAB-first-user-secret-1f2e3d", "EAAB-second-user-secret-7a8b9c"
+
+    def store(user: str, token: str) -> None:
+        result = funnelgate("credentials", "set", "--config", str(config), "--project", "p1",
+                            "--user", user, "--access-token-file", "-", stdin=token)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert token not in result.stdout + result.stderr
+
+    store("u1", first)
+    assert_private_and_sealed(db, [first], all_three=False)  # the CLI has closed the database
+
+    fake = FakeGraphServer()
+    with serving(fake.app(), lifespan="off") as graph_url:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log = project_dir / "server.log"
+        with log.open("wb") as log_file:
+            process = subprocess.Popen([FUNNELGATE, "serve", "--config", str(config), "--port", str(port)],
+                                       stdout=log_file, stderr=subprocess.STDOUT,
+                                       env=clean_env(FUNNELGATE_GRAPH_BASE_URL=graph_url))  # fmt: skip
+        try:
+            wait_ready(base, process)
+            store("u2", second)  # written while the server holds the database open
+            assert_private_and_sealed(db, [first, second], all_three=True)
+
+            def send_as(user: str) -> str:
+                response = httpx.post(f"{base}/projects/p1/tools", timeout=10,
+                                      headers={"Authorization": f"Bearer {user_token(rsa_key, user)}"},
+                                      json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+                                            "parameters": funnel_parameters(eventTime=None)})  # fmt: skip
+                assert response.status_code == 200, response.text
+                return str(fake.received[-1].json()["access_token"])
+
+            assert (send_as("u1"), send_as("u2")) == (first, second)
+
+            # Rotation, the server still running: a new key first in its file, every token
+            # re-encrypted, and the server follows without a restart.
+            added = funnelgate("credentials", "new-key", "--config", str(config))
+            assert added.returncode == 0, added.stderr
+            new_id = re.search(r"added secret key ([0-9a-f]{16}) first", added.stdout).group(1)
+            rotated = funnelgate("credentials", "rotate-key", "--config", str(config))
+            assert rotated.returncode == 0, rotated.stderr
+            assert (
+                f"re-encrypted 2 access token(s) with secret key {new_id}; keys in use: {new_id}."
+                in rotated.stdout
+            )
+            listed = funnelgate("credentials", "list", "--config", str(config)).stdout.splitlines()
+            assert [line.rsplit("\t", 1)[1] for line in listed] == [f"key {new_id}"] * 2
+            assert (send_as("u1"), send_as("u2")) == (first, second)
+            assert_private_and_sealed(db, [first, second], all_three=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+    printed = log.read_text()
+    key_lines = [line for line in key_file.read_text().splitlines() if not line.startswith("#")]
+    for secret in [first, second, *key_lines]:
+        assert secret not in printed + added.stdout + rotated.stdout
+    assert_private_and_sealed(db, [first, second], all_three=False)
+
+    # The old key can go: with only the new one, start-up's check opens every stored token.
+    key_file.write_text("\n".join(line for line in key_lines if line not in old_key_lines) + "\n")
+    assert funnelgate("credentials", "rotate-key", "--config", str(config)).returncode == 0
+
+
+def test_serve_refuses_to_start_without_the_key_that_sealed_the_tokens(project_dir: Path):
+    config = project_dir / "funnelgate.toml"
+    assert funnelgate("credentials", "set", "--config", str(config), "--project", "p1", "--user", "u1",
+                      "--access-token-file", "-", stdin="EAAB-sealed").returncode == 0  # fmt: skip
+    listed = funnelgate("credentials", "list", "--config", str(config)).stdout
+    sealed_by = re.search(r"key ([0-9a-f]{16})$", listed, re.M).group(1)
+    wrong_key = new_secret_key()
+
+    wrong = funnelgate("serve", "--config", str(config), "--port", str(free_port()),
+                       env=clean_env(FUNNELGATE_SECRET_KEY=wrong_key))  # fmt: skip
+    config.write_text(config.read_text().replace('secret_key_file = "secret.key"\n', ""))
+    missing = funnelgate("serve", "--config", str(config), "--port", str(free_port()))
+    for result, expected in [
+        (wrong, f"stored access tokens use secret key {sealed_by}, which is not configured"),
+        (missing, "the database holds encrypted access tokens but no secret key is configured"),
+    ]:
+        assert result.returncode == 2
+        [line] = result.stderr.strip().splitlines()
+        assert expected in line and "FUNNELGATE_SECRET_KEY" in line, line
+        assert wrong_key not in line and "EAAB" not in line
+
+
+def test_a_0_1_database_with_plain_text_tokens_needs_a_key_then_is_encrypted(project_dir: Path):
+    import sqlite3
+
+    config, db = project_dir / "funnelgate.toml", project_dir / "funnelgate.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE credentials (project_id TEXT NOT NULL, user_id TEXT NOT NULL, "
+                 "access_token TEXT NOT NULL, updated_at INTEGER NOT NULL, "
+                 "PRIMARY KEY (project_id, user_id))")  # fmt: skip
+    conn.execute("INSERT INTO credentials VALUES ('p1', 'u1', 'EAAB-from-0.1', 1700000000)")
+    conn.close()
+    with_key = config.read_text()
+    config.write_text(with_key.replace('secret_key_file = "secret.key"\n', ""))
+    refused = funnelgate("serve", "--config", str(config), "--port", str(free_port()))
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert "1 access token(s) in plain text, written by funnelgate 0.1" in line
+
+    config.write_text(with_key)
+    listed = funnelgate("credentials", "list", "--config", str(config))
+    assert listed.returncode == 0 and listed.stdout.startswith(
+        "p1\tu1\tupdated 2023-11-14T22:13:20"
+    )
+    assert_private_and_sealed(db, ["EAAB-from-0.1"], all_three=False)
+
+
+def test_the_app_leaves_the_collector_alone(config):
+    """gc.freeze() is a process-wide choice: the `serve` command's, never the app's."""
+    import gc
+
+    from starlette.testclient import TestClient
+
+    from server.app import create_app
+
+    gc.unfreeze()
+    with TestClient(create_app(config)):
+        assert gc.get_freeze_count() == 0

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from server.app import create_app
 from server.delivery.transport import HttpxTransport
-from server.storage.credentials import CredentialStore
+from server.storage.credentials import open_credentials
 from tests.conftest import (
     NOW,
     PIXEL,
@@ -209,7 +209,7 @@ def test_unconnected_user_gets_integration_not_enabled(
         assert response.json()["message"] == "Integration not enabled for user."
         assert graph.requests == []
 
-        CredentialStore(config.database_path).set(PROJECT, "user-1", "EAAB-user-token")
+        open_credentials(config.storage).set(PROJECT, "user-1", "EAAB-user-token")
         assert call(client, sign, funnel_parameters()).status_code == 200
         assert graph.bodies()[0]["access_token"] == "EAAB-user-token"
 
@@ -220,7 +220,7 @@ def test_users_own_credential_wins_and_app_secret_adds_proof(
     config = make_config(
         tmp_path, rsa_key, facebook_access_token="EAAB-project", facebook_app_secret="s3cret"
     )
-    CredentialStore(config.database_path).set(PROJECT, "user-1", "EAAB-user")
+    open_credentials(config.storage).set(PROJECT, "user-1", "EAAB-user")
     app = create_app(
         config,
         graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
