@@ -382,35 +382,46 @@ def test_numbers_json_cannot_carry_are_a_parse_error_as_on_run_tool(
 def test_an_integer_beyond_64_bits_is_a_clean_tool_error_naming_its_path(
     mcp_base, graph, sign, caplog, mode, number
 ):
+    """Graph's serialiser writes 64-bit integers at most. custom_data's extra keys have no
+    schema of their own, so nothing but this check stands between them and it."""
+    event = {k: v for k, v in conversion_arguments().items() if k not in ("pixel_id", "response_format")}  # fmt: skip
+
     async def use(client):
-        beyond = await client.call_tool(
+        typed = await client.call_tool(
             "FACEBOOK_ADS_SEND_FUNNEL_EVENT", live_funnel_parameters(numItems=number)
+        )
+        free = await client.call_tool(
+            "meta_send_conversion_event", conversion_arguments(custom_data={"points": number})
         )
         nested = await client.call_tool(
             "FACEBOOK_ADS_SEND_EVENTS",
             {"pixel_id": PIXEL, "events": [
-                {k: v for k, v in conversion_arguments().items() if k not in ("pixel_id", "response_format")},
-                {**{k: v for k, v in conversion_arguments().items() if k not in ("pixel_id", "response_format")},
-                 "custom_data": {"contents": [{"id": "a", "quantity": number}]}},
+                event, {**event, "custom_data": {"contents": [{"id": "a", "quantity": number}]}},
             ]},
         )  # fmt: skip
         widest = await client.call_tool(
-            "FACEBOOK_ADS_SEND_FUNNEL_EVENT", live_funnel_parameters(numItems=2**64 - 1)
+            "meta_send_conversion_event", conversion_arguments(custom_data={"points": 2**64 - 1})
         )
-        return beyond, nested, widest
+        return typed, free, nested, widest
 
-    beyond, nested, widest = anyio.run(
+    typed, free, nested, widest = anyio.run(
         with_client, f"{mcp_base}/projects/{PROJECT}/mcp", sign(), use, mode
     )
-    assert beyond.is_error and nested.is_error
-    assert json.loads(beyond.content[0].text)["errors"] == [
-        {"path": "parameters.numItems", "message": "is out of range (at most 64 bits)"}
+    paths = []
+    for result in (typed, free, nested):
+        assert result.is_error
+        error = json.loads(result.content[0].text)
+        assert error["code"] == "INVALID_PARAMETERS"
+        [violation] = error["errors"]
+        assert violation["message"] == "is out of range (at most 64 bits)"
+        paths.append(violation["path"])
+    assert paths == [
+        "parameters.numItems",
+        "parameters.custom_data.points",
+        "parameters.events[1].custom_data.contents[0].quantity",
     ]
-    [violation] = json.loads(nested.content[0].text)["errors"]
-    assert violation["path"] == "parameters.events[1].custom_data.contents[0].quantity"
-    assert json.loads(nested.content[0].text)["code"] == "INVALID_PARAMETERS"
-    assert not widest.is_error  # the widest integer that fits goes through
-    assert [r.json()["data"][0]["custom_data"]["num_items"] for r in graph.received] == [2**64 - 1]
+    assert not widest.is_error  # the widest integer that fits goes through, exactly
+    assert [r.json()["data"][0]["custom_data"] for r in graph.received] == [{"points": 2**64 - 1}]
     assert sdk_errors(caplog) == []
 
 
