@@ -1,13 +1,26 @@
 """The MCP endpoint: `/projects/{project_id}/mcp`, Streamable HTTP, official `mcp` SDK.
 
-`tools/list` mirrors List Tools; `tools/call` goes through the same Runner as Run Tool, and
-its failures come back as `isError` results carrying the same `message` and `code`. The same
-Bearer JWT authenticates every HTTP request. Stateless, JSON responses: nothing is kept
-between requests, so any worker can answer any request.
+`tools/list` mirrors List Tools, adding what MCP hosts show and check: a `title`, behaviour
+`annotations`, and an `outputSchema` where the answer is always JSON. `tools/call` goes
+through the same Runner as Run Tool; its failures come back as `isError` results carrying
+the same `message` and `code`, while an unknown tool is a JSON-RPC error (-32602), as the MCP
+specification (2025-06-18, "Tools", Error Handling) asks. The same Bearer JWT authenticates
+every HTTP request. Stateless, JSON responses: nothing is kept between requests, so any
+worker can answer any request.
+
+Before the SDK sees a POST, its body meets Run Tool's rules (server/bodies.py): JSON only, at
+most 1 MiB counted while reading, parsed by orjson, which refuses `NaN`, `Infinity` and
+`1e400` that the SDK's parsers accept (a `NaN` reached Meta as `null`). It must also be one
+JSON-RPC message: the SDK's own refusal of a malformed one quotes the values it was sent.
+The bounded body is then replayed to the SDK, which parses it again. The SDK keeps integers
+exact, so one beyond 64 bits (which Graph's serialiser cannot write) is refused as a tool
+error naming its path, for the model to correct.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import mcp_types as types
@@ -15,14 +28,27 @@ import orjson
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared.exceptions import MCPError
+from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from server.access import authenticate
-from server.errors import FunnelgateError, IntegrationNotEnabled
-from server.responses import error_response
+from server.bodies import MAX_BODY_BYTES, read_json_body
+from server.errors import (
+    BadRequest,
+    FunnelgateError,
+    IntegrationNotEnabled,
+    InternalError,
+    InvalidParameters,
+    NotFound,
+)
+from server.logs import log
+from server.responses import error_response, json_response
 from server.runner import Runner
-from tools.base import JsonAnswer
+from tools.base import JsonAnswer, Violation, as_json
+from tools.catalog import Entry
 
 SETUP_HINT = (
     "This user has no Meta access token in funnelgate. An administrator can add one with "
@@ -30,63 +56,238 @@ SETUP_HINT = (
     "project's facebook_access_token."
 )
 
+# Caller text that reaches a log line or an error message is cut to this.
+TOOL_NAME_MAX_CHARS = 200
 
-def _caller(ctx: ServerRequestContext[Any, Any]) -> tuple[Runner, Any, str]:
+# Display names. meta_send_conversion_event keeps the name its users know it by.
+TITLES = {
+    "FACEBOOK_ADS_SEND_FUNNEL_EVENT": "Send Funnel Event",
+    "FACEBOOK_ADS_SEND_LEAD_EVENT": "Send Lead Event",
+    "meta_send_conversion_event": "Send Conversion Event (CAPI)",
+    "FACEBOOK_ADS_SEND_EVENTS": "Send Events (Batch)",
+}
+
+# Every tool adds events to a pixel at Meta: it changes the world (not read-only), only by
+# adding (not destructive), outside funnelgate (open world). Not idempotent: a call without
+# an event id gets a fresh one, so the same arguments sent twice make two events; only
+# calls that carry their own ids are deduplicated by Meta, and a hint is per tool, not per call.
+ANNOTATIONS = types.ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+)
+
+
+def describe_tools(catalog: Mapping[str, Entry], openapi: Mapping[str, Any]) -> list[types.Tool]:
+    """The catalog as MCP tools. A tool that presents Meta's answer as is (`as_json`) always
+    answers JSON, so it promises openapi.json's `EventsReceived`; one with its own presenter
+    may answer text (meta_send_conversion_event's markdown), and a schema would oblige every
+    answer to carry structured content."""
+    events_received = openapi["components"]["schemas"]["EventsReceived"]
+    return [
+        types.Tool(
+            name=name,
+            title=TITLES[name],
+            description=entry.tool.description,
+            input_schema=dict(entry.schema),
+            output_schema=events_received if entry.tool.present is as_json else None,
+            annotations=ANNOTATIONS,
+        )
+        for name, entry in catalog.items()
+    ]
+
+
+def _request(ctx: ServerRequestContext[Any, Any]) -> Request:
     request = ctx.request
     assert isinstance(request, Request), "funnelgate serves MCP over HTTP only"
-    state = request.state
-    return request.app.state.runner, state.project_obj, state.user_id
+    return request
 
 
-async def _list_tools(
-    ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
-) -> types.ListToolsResult:
-    runner, _project, _user = _caller(ctx)
-    return types.ListToolsResult(
-        tools=[
-            types.Tool(
-                name=e.tool.name, description=e.tool.description, input_schema=dict(e.schema)
-            )
-            for e in runner.catalog.values()
-        ]
-    )
+def _error_result(error: FunnelgateError) -> types.CallToolResult:
+    content: list[types.ContentBlock] = [
+        types.TextContent(text=orjson.dumps(error.body()).decode())
+    ]
+    if isinstance(error, IntegrationNotEnabled):
+        content.append(types.TextContent(text=SETUP_HINT))
+    return types.CallToolResult(content=content, is_error=True)
 
 
 async def _call_tool(
     ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
 ) -> types.CallToolResult:
-    runner, project, user_id = _caller(ctx)
-    ctx.request.state.tool = params.name  # type: ignore[union-attr]  # for the request log
+    request = _request(ctx)
+    state = request.state
+    runner: Runner = request.app.state.runner
+    name = params.name
+    state.tool = name[:TOOL_NAME_MAX_CHARS]  # for the request log
+    if name not in runner.catalog:
+        unknown = NotFound(f"Unknown tool {name[:TOOL_NAME_MAX_CHARS]!r}.", code="UNKNOWN_TOOL")
+        state.error_code = unknown.code
+        raise MCPError(types.INVALID_PARAMS, unknown.message, data=unknown.body())
+    arguments = params.arguments or {}
     try:
-        answer = await runner.run(project, user_id, params.name, params.arguments or {})
+        _check_integers(arguments)
+        answer = await runner.run(state.project_obj, state.user_id, name, arguments)
     except FunnelgateError as exc:
-        content: list[types.ContentBlock] = [
-            types.TextContent(text=orjson.dumps(exc.body()).decode())
-        ]
-        if isinstance(exc, IntegrationNotEnabled):
-            content.append(types.TextContent(text=SETUP_HINT))
-        return types.CallToolResult(content=content, is_error=True)
-    text = orjson.dumps(answer.body).decode() if isinstance(answer, JsonAnswer) else answer.text
-    return types.CallToolResult(content=[types.TextContent(text=text)])
+        state.error_code = exc.code
+        return _error_result(exc)
+    except Exception as exc:
+        # A bug. Left to the SDK it becomes JSON-RPC error 0 quoting the exception's text
+        # (which may hold customer data) and a traceback on stderr; answer as Run Tool does.
+        log("unhandled_error", logging.ERROR, error=type(exc).__name__)
+        error = InternalError()
+        state.error_code = error.code
+        return _error_result(error)
+    if isinstance(answer, JsonAnswer):
+        state.fbtrace_id = answer.body.get("fbtrace_id")
+        body = dict(answer.body)
+        # MCP 2025-06-18, Tools, Structured Content: the same JSON as text too, for clients
+        # that read only `content`.
+        return types.CallToolResult(
+            content=[types.TextContent(text=orjson.dumps(body).decode())], structured_content=body
+        )
+    return types.CallToolResult(content=[types.TextContent(text=answer.text)])
+
+
+# What orjson, and so Graph's request body, can hold: a signed or an unsigned 64-bit integer.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+
+_Link = tuple["_Link", str | int] | None  # (parent, key): a path, parent first
+
+
+def _check_integers(arguments: dict[str, Any]) -> None:
+    """Refuse an integer that Graph's request body could not carry, naming its path.
+
+    orjson writing the arguments (well under a millisecond for 1 MiB) is the common case's
+    whole cost; only when it fails are they walked, once, to find the integer. A failure with
+    no such integer (nesting too deep) is left to the Runner's own checks.
+    """
+    try:
+        orjson.dumps(arguments)
+    except TypeError:
+        pass
+    else:
+        return
+    # Each container with a link to its parent: a path is spelt out only for the culprit.
+    stack: list[tuple[Any, _Link]] = [(arguments, None)]
+    while stack:
+        node, link = stack.pop()
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(value, dict | list):
+                stack.append((value, (link, key)))
+            elif isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
+                path = _spell((link, key))
+                raise InvalidParameters([Violation(path, "is out of range (at most 64 bits)")])
+
+
+def _spell(link: _Link) -> str:
+    keys: list[str | int] = []
+    while link is not None:
+        link, key = link
+        keys.append(key)
+    return "parameters" + "".join(
+        f"[{key}]" if isinstance(key, int) else f".{key}" for key in reversed(keys)
+    )
+
+
+def _no_schema_check(_name: str) -> None:
+    """funnelgate validates arguments itself (the Runner). Without this hook the SDK would
+    run `tools/list` on every 2026-07-28 call to look for `x-mcp-header` annotations, which
+    funnelgate's schemas never carry."""
+    return None
 
 
 def session_manager() -> StreamableHTTPSessionManager:
     """A fresh manager; its `run()` belongs in the app's lifespan (it can run once only)."""
+    listing: list[types.Tool] = []  # built on first use: it needs the app's catalog
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        if not listing:
+            app_state = _request(ctx).app.state
+            openapi = orjson.loads(app_state.openapi_bytes)
+            listing.extend(describe_tools(app_state.runner.catalog, openapi))
+        return types.ListToolsResult(tools=listing)
+
     server = Server(
-        "funnelgate", version="0.1.0", on_list_tools=_list_tools, on_call_tool=_call_tool
+        "funnelgate",
+        version="0.1.0",
+        on_list_tools=list_tools,
+        on_call_tool=_call_tool,
+        get_tool_input_schema=_no_schema_check,
     )
-    return StreamableHTTPSessionManager(app=server, stateless=True, json_response=True)
+    return StreamableHTTPSessionManager(
+        app=server, stateless=True, json_response=True, max_request_body_size=MAX_BODY_BYTES
+    )
+
+
+def _check_message(message: Any) -> None:
+    """One JSON-RPC message, by the SDK's own models. Key presence decides what it is (JSON-RPC
+    2.0, section 4.1: a notification has no "id"), so a request with a malformed id is refused
+    rather than taken for a notification and dropped."""
+    try:
+        if isinstance(message, dict) and "id" in message and "method" in message:
+            types.JSONRPCRequest.model_validate(message, by_name=False)
+        else:
+            types.jsonrpc_message_adapter.validate_python(message, by_name=False)
+    except ValidationError:
+        raise BadRequest(
+            "The request body is not a JSON-RPC 2.0 message.", code="INVALID_REQUEST"
+        ) from None
+
+
+def jsonrpc_error_response(error: FunnelgateError) -> Response:
+    """A refused body, as a JSON-RPC error at the error's HTTP status.
+
+    MCP clients turn a JSON-RPC error found at a non-2xx status into the caller's exception
+    (the official Python client; any other body becomes a bare "Server returned an error
+    response"), so the message reaches the caller; `data` carries funnelgate's usual body
+    with its stable `code`. The id is null: the body was not read as a request (JSON-RPC
+    2.0, section 5).
+    """
+    code = types.PARSE_ERROR if error.code == "INVALID_JSON" else types.INVALID_REQUEST
+    response = json_response(
+        {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": code, "message": error.message, "data": error.body()},
+        },
+        error.status,
+    )
+    response.headers.update(error.headers())
+    return response
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the SDK: the body already read, in one message, then the connection."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 class McpEndpoint:
-    """ASGI app for the MCP route: authenticates, then hands over to the session manager.
+    """ASGI app for the MCP route: authenticates, reads the body under Run Tool's rules, then
+    hands over to the session manager.
 
     A class instance, not a function: Starlette routes a plain function as a GET-only
     request/response endpoint.
     """
 
+    def __init__(self) -> None:
+        self.__name__ = "mcp"  # the endpoint's name in the request log
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
+        chunks: list[bytes] = []
+
+        async def recording() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+            return message
+
+        request = Request(scope, recording)
         try:
             project, user_id = authenticate(request)
         except FunnelgateError as exc:
@@ -95,5 +296,13 @@ class McpEndpoint:
             return
         request.state.project_obj = project
         request.state.user_id = user_id
+        if request.method == "POST":
+            try:
+                _check_message(await read_json_body(request))
+            except FunnelgateError as exc:
+                request.state.error_code = exc.code
+                await jsonrpc_error_response(exc)(scope, receive, send)
+                return
+            receive = _replaying(b"".join(chunks), receive)
         manager: StreamableHTTPSessionManager = request.app.state.mcp
         await manager.handle_request(scope, receive, send)
