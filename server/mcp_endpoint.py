@@ -59,14 +59,6 @@ SETUP_HINT = (
 # Caller text that reaches a log line or an error message is cut to this.
 TOOL_NAME_MAX_CHARS = 200
 
-# Display names. meta_send_conversion_event keeps the name its users know it by.
-TITLES = {
-    "FACEBOOK_ADS_SEND_FUNNEL_EVENT": "Send Funnel Event",
-    "FACEBOOK_ADS_SEND_LEAD_EVENT": "Send Lead Event",
-    "meta_send_conversion_event": "Send Conversion Event (CAPI)",
-    "FACEBOOK_ADS_SEND_EVENTS": "Send Events (Batch)",
-}
-
 # Every tool adds events to a pixel at Meta: it changes the world (not read-only), only by
 # adding (not destructive), outside funnelgate (open world). Not idempotent: a call without
 # an event id gets a fresh one, so the same arguments sent twice make two events; only
@@ -85,7 +77,7 @@ def describe_tools(catalog: Mapping[str, Entry], openapi: Mapping[str, Any]) -> 
     return [
         types.Tool(
             name=name,
-            title=TITLES[name],
+            title=entry.tool.title,
             description=entry.tool.description,
             input_schema=dict(entry.schema),
             output_schema=events_received if entry.tool.present is as_json else None,

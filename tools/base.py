@@ -91,6 +91,7 @@ class Tool:
     """
 
     name: str
+    title: str  # a display name, for MCP hosts
     integration: Integration
     description: str
     schema: str

@@ -18,6 +18,7 @@ def build(parameters: Parameters, ctx: BuildContext) -> EventBatch:
 
 TOOL = Tool(
     name=NAME,
+    title="Send Funnel Event",
     integration=FACEBOOK_ADS,
     description=(
         "Send a funnel event (for example AddToCart, InitiateCheckout or Purchase) for a "

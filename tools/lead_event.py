@@ -15,6 +15,7 @@ def build(parameters: Parameters, ctx: BuildContext) -> EventBatch:
 
 TOOL = Tool(
     name=NAME,
+    title="Send Lead Event",
     integration=FACEBOOK_ADS,
     description=(
         "Send a Lead event (a customer submitted their details, for example a sign-up or "

@@ -59,6 +59,7 @@ def warnings(parameters: Parameters) -> list[str]:
 
 TOOL = Tool(
     name=NAME,
+    title="Send Conversion Event (CAPI)",  # seed 002's display name: what its users know
     integration=FACEBOOK_ADS,
     description=(
         "Send a server-side conversion event to Meta using the Conversions API. Supports "

@@ -35,6 +35,7 @@ def build(parameters: Parameters, ctx: BuildContext) -> EventBatch:
 
 TOOL = Tool(
     name=NAME,
+    title="Send Events (Batch)",
     integration=FACEBOOK_ADS,
     description=(
         "Send 1 to 1,000 Conversions API server events to one Meta Pixel in a single request. "
