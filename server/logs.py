@@ -14,8 +14,8 @@ line written reports the count (`log_lines_dropped`, level warning). uvicorn's l
 libraries' warnings go through the same buffer, in the same shape.
 
 The stream gets everything written before the process exits (atexit, bounded by
-`EXIT_FLUSH_SECONDS` so a reader that never reads cannot hang the exit) and before `configure()`
-switches to a new stream.
+`EXIT_FLUSH_SECONDS` so a reader that never reads cannot hang the exit; on SIGTERM once
+`flush_then_reraise` is its handler) and before `configure()` switches to a new stream.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import logging
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
 from contextvars import ContextVar, Token
+from types import FrameType
 from typing import IO, Any
 
 import orjson
@@ -302,9 +304,23 @@ def _as_text(value: object) -> LogValue:
         return f"<{type(value).__name__}>"
 
 
-@atexit.register
-def _flush_at_exit() -> None:
-    _sink.flush(EXIT_FLUSH_SECONDS)
+def flush(timeout: float | None = EXIT_FLUSH_SECONDS) -> bool:
+    """Wait until every line logged so far is written; False if `timeout` ran out first."""
+    return _sink.flush(timeout)
+
+
+def flush_then_reraise(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM handler for `serve`: write what is queued, then die of the signal as before.
+
+    uvicorn shuts down on SIGTERM and then re-raises it with the handler it found; with the
+    default handler the process ends there and atexit never runs, losing the last lines.
+    """
+    flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
+atexit.register(flush)
 
 
 def elapsed_ms(started: float) -> float:

@@ -288,10 +288,11 @@ def test_configure_sends_queued_lines_to_the_old_stream_first():
 
 
 EXITING_CHILD = """
-import asyncio, sys
+import asyncio, signal, sys
 from server import logs
 
 logs.configure()
+signal.signal(signal.SIGTERM, logs.flush_then_reraise)  # as `funnelgate serve` does
 
 async def main() -> None:
     for n in range(10_000):
@@ -300,12 +301,14 @@ async def main() -> None:
             await asyncio.sleep(0)
     if sys.argv[1] == "raise":
         raise SystemExit(3)
+    if sys.argv[1] == "sigterm":  # what uvicorn does after shutting down on SIGTERM
+        signal.raise_signal(signal.SIGTERM)
 
 asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 3)])
+@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 3), ("sigterm", -15)])
 def test_every_line_reaches_stderr_before_the_process_exits(how, code):
     # ~700 KB: ten times what the pipe holds, so the exit has to wait for the writer.
     child = subprocess.run([sys.executable, "-c", EXITING_CHILD, how], cwd=ROOT,
