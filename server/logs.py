@@ -201,10 +201,11 @@ class _Sink:
             batch.append(_dropped_line(dropped))
         try:
             self._write(b"".join(batch))
-        except (OSError, ValueError):  # a broken or closed stream: count what it lost
+        except Exception:  # a broken, closed or wrong stream: count what it lost, keep going
             lost = len(batch) - (1 if dropped else 0)
             with self.lock:
                 self.dropped += dropped + lost
+            return False  # no retry until more lines come
         finally:
             with self.lock:
                 self.queued_bytes -= size

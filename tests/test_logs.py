@@ -276,6 +276,22 @@ def test_uvicorn_and_library_lines_share_the_buffer_and_the_shape(gated):
     ]
 
 
+class BrokenPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_failing_stream_costs_its_lines_never_the_caller_or_the_writer():
+    logs.configure(BrokenPipe())
+    logs.log("lost")  # raises nothing
+    assert logs._sink.flush(5)
+    out = io.StringIO()
+    logs.configure(out)
+    logs.log("kept")
+    seen = [(line["event"], line.get("count")) for line in lines(out)]
+    assert seen == [("log_lines_dropped", 1), ("kept", None)]
+
+
 def test_configure_sends_queued_lines_to_the_old_stream_first():
     first, second = io.StringIO(), io.StringIO()
     logs.configure(first)
