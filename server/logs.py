@@ -1,108 +1,327 @@
-"""Structured logs: one JSON object per line on stderr.
+"""Structured logs: one JSON object per line on stderr, written off the event loop.
 
 Callers pass only fields that are safe to keep (ids, codes, timings); nothing here ever sees a
-request body, a customer value, an access token or a JWT.
+request body, a customer value, an access token or a JWT. Text a caller sent (a tool name, a
+header) goes through `clip()` first, and `log()` caps every string field anyway, so no request
+can make a long line.
 
 funnelgate's own lines skip the stdlib logging machinery (a record, a lock, a write and a flush
-per line cost ~30 µs, a tenth of a Run Tool call): inside the event loop they are gathered and
-written together once per loop turn, so a busy server makes one write for many lines. Lines
-logged outside a loop are written at once. uvicorn's own lines go through stdlib logging in
-the same format.
+per line cost ~30 µs, a tenth of a Run Tool call): `log()` serialises the line with orjson and
+appends it to a buffer; one writer thread writes the buffer to the stream, so a slow reader of
+stderr (a full pipe) stalls that thread, never the event loop. The buffer is bounded
+(`BUFFER_BYTES` by default); while it is full new lines are dropped and counted, and the next
+line written reports the count (`log_lines_dropped`, level warning). uvicorn's lines and other
+libraries' warnings go through the same buffer, in the same shape.
+
+The stream gets everything written before the process exits (atexit, bounded by
+`EXIT_FLUSH_SECONDS` so a reader that never reads cannot hang the exit; on SIGTERM once
+`flush_then_reraise` is its handler) and before `configure()` switches to a new stream.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
+import os
+import queue
+import re
+import signal
 import sys
+import threading
 import time
+from contextvars import ContextVar, Token
+from types import FrameType
 from typing import IO, Any
 
 import orjson
 
 LogValue = str | int | float | bool | None
 
-_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+DEBUG, INFO, WARNING, ERROR, CRITICAL = (
+    logging.DEBUG,
+    logging.INFO,
+    logging.WARNING,
+    logging.ERROR,
+    logging.CRITICAL,
+)
+_SCALARS = frozenset({int, float, bool, type(None)})
+_LEVEL_NAMES = {
+    DEBUG: "debug",
+    INFO: "info",
+    WARNING: "warning",
+    ERROR: "error",
+    CRITICAL: "critical",
+}
+
+# A string field longer than this is cut and marked: `abc…(+N chars)`. Ids, codes and names fit.
+FIELD_MAX_CHARS = 256
+# Bytes of lines waiting for the writer: ~3,800 lines of ~275 bytes, over half a second of logs
+# at the throughput BENCHMARKS.md measures (~3,300 calls/s, two lines each), enough to ride out a
+# stall of the reader; memory stays bounded whatever the reader does.
+BUFFER_BYTES = 1024 * 1024
+EXIT_FLUSH_SECONDS = 5.0
+# After a wakeup the writer waits this long, so one write carries many lines: a write per line
+# would cost the event loop a hand-over of the GIL per line.
+GATHER_SECONDS = 0.001
+# The longest `log_lines_dropped` line, reserved with the line that carries it.
+_DROPPED_LINE_MAX_BYTES = 96
+
+# X-Request-ID: a caller's id is kept when it is short and plain (nginx's $request_id, a UUID, a
+# ULID, base64); anything else is replaced by a generated one rather than refused or echoed.
+REQUEST_ID_MAX_CHARS = 128
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]+")
+
+request_id_var: ContextVar[str | None] = ContextVar("funnelgate_request_id", default=None)
+
+
+def set_request_id(request_id: str | None) -> Token[str | None]:
+    """Every line logged in this context (the request's task) carries `request_id` from now."""
+    return request_id_var.set(request_id)
+
+
+def reset_request_id(token: Token[str | None]) -> None:
+    request_id_var.reset(token)
+
+
+def request_id_from_header(value: bytes | None) -> str:
+    """The caller's X-Request-ID when it is plain text of at most 128 chars, else a new id."""
+    if value and len(value) <= REQUEST_ID_MAX_CHARS and _REQUEST_ID.fullmatch(value):
+        return value.decode("ascii")
+    return os.urandom(16).hex()
+
+
+def level_for_status(status: int) -> int:
+    """The request line's level: error for 5xx (funnelgate or Graph failed: the operator acts),
+    info for the rest. 4xx stays info: it is the caller's mistake, and any client can produce it
+    at will, so at warning level it would drown the operator's real warnings."""
+    return ERROR if status >= 500 else INFO
+
+
+def clip(value: str, limit: int = FIELD_MAX_CHARS) -> str:
+    """`value` cut to `limit` characters, marked with how many were cut."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}…(+{len(value) - limit} chars)"
 
 
 class JsonLineFormatter(logging.Formatter):
-    """uvicorn's lines, in funnelgate's shape."""
+    """uvicorn's (and other libraries') lines, in funnelgate's shape."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
-            "event": record.getMessage(),
+            "event": clip(record.getMessage()),
+            "logger": record.name,
         }
+        request_id = request_id_var.get()
+        if request_id is not None:
+            line["request_id"] = request_id
         if record.exc_info and record.exc_info[0] is not None:
             line["exception"] = record.exc_info[0].__name__  # the type only: text may hold data
-        return orjson.dumps(line).decode()
+        return _dumps(line).decode()
+
+
+class _SinkHandler(logging.Handler):
+    """Hands stdlib records to the buffer: a library's line never writes on the event loop."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _sink.add(self.format(record).encode() + b"\n")
+        except Exception:  # stdlib convention: a handler never raises
+            self.handleError(record)
+
+
+def _dropped_line(count: int) -> bytes:
+    line = {"ts": round(time.time(), 3), "level": "warning", "event": "log_lines_dropped"}
+    return orjson.dumps({**line, "count": count}, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class _Sink:
+    """A bounded buffer of lines and the one thread that writes it to the stream."""
+
     def __init__(self) -> None:
         self.stream: IO[str] | None = None  # until configure(): tests and libraries log nothing
-        self.level = logging.INFO
+        self.level = INFO
+        self.max_bytes = BUFFER_BYTES
+        self.lock = threading.Lock()  # guards the four fields below
         self.pending: list[bytes] = []
-        self.flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush waits in
+        self.queued_bytes = 0  # pending or being written
+        self.dropped = 0  # since the last line that reported drops
+        self.wakeups: queue.SimpleQueue[threading.Event | None] = queue.SimpleQueue()
+        self.writer: threading.Thread | None = None
 
     def add(self, line: bytes) -> None:
-        self.pending.append(line)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop: write now
-            self.flush()
-            return
-        if self.flush_on is not loop:
-            self.flush_on = loop
-            loop.call_soon(self.flush)
+        """Queue `line` for the writer, or count it dropped when the buffer is full."""
+        with self.lock:
+            size = len(line) + (_DROPPED_LINE_MAX_BYTES if self.dropped else 0)
+            if self.queued_bytes + size > self.max_bytes:
+                self.dropped += 1
+                return
+            if self.dropped:  # the first line after a gap says how long the gap was
+                line = _dropped_line(self.dropped) + line
+                self.dropped = 0
+            self.pending.append(line)
+            self.queued_bytes += len(line)
+            wake = len(self.pending) == 1
+        if wake:
+            self.wakeups.put(None)
 
-    def flush(self) -> None:
-        self.flush_on = None
-        if not self.pending:
+    def start(self) -> None:
+        if self.writer is None or not self.writer.is_alive():
+            self.writer = threading.Thread(target=self._run, name="funnelgate-logs", daemon=True)
+            self.writer.start()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every line queued so far is written; False if `timeout` ran out first."""
+        if self.writer is None or not self.writer.is_alive():
+            self._write_pending()
+            return True
+        done = threading.Event()
+        self.wakeups.put(done)
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            request = self.wakeups.get()
+            time.sleep(GATHER_SECONDS)
+            while self._write_pending():
+                pass  # lines came in while writing: take them without waiting for a wakeup
+            if request is not None:
+                request.set()
+
+    def _write_pending(self) -> bool:
+        with self.lock:
+            batch, self.pending = self.pending, []
+            dropped, self.dropped = self.dropped, 0
+        if not batch and not dropped:
+            return False
+        size = sum(map(len, batch))
+        if dropped:  # every line in the batch came before these drops (add() reports earlier)
+            batch.append(_dropped_line(dropped))
+        try:
+            self._write(b"".join(batch))
+        except Exception:  # a broken, closed or wrong stream: count what it lost, keep going
+            lost = len(batch) - (1 if dropped else 0)
+            with self.lock:
+                self.dropped += dropped + lost
+            return False  # no retry until more lines come
+        finally:
+            with self.lock:
+                self.queued_bytes -= size
+        return True
+
+    def _write(self, data: bytes) -> None:
+        stream = self.stream
+        if stream is None:
             return
-        data, self.pending = b"".join(self.pending), []
-        if self.stream is None:
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.StringIO and the like
+            stream.write(data.decode())
+            stream.flush()
             return
-        buffer = getattr(self.stream, "buffer", None)
-        if buffer is not None:
-            buffer.write(data)
-            buffer.flush()
-        else:
-            self.stream.write(data.decode())
-            self.stream.flush()
+        # Straight to the descriptor, not through the stream's buffer: a write stalled on a full
+        # pipe then holds no lock that the main thread needs to flush stderr at exit.
+        stream.flush()  # anything printed to the stream before goes first
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 _sink = _Sink()
 
 
-def configure(stream: IO[str] | None = None, level: int = logging.INFO) -> None:
-    _sink.flush()
-    _sink.stream, _sink.level = stream or sys.stderr, level
-    handler = logging.StreamHandler(_sink.stream)
+def configure(
+    stream: IO[str] | None = None, level: int = INFO, *, buffer_bytes: int = BUFFER_BYTES
+) -> None:
+    """Log to `stream` (stderr by default) from now on; lines already queued go to the old one.
+
+    uvicorn's lines and other libraries' warnings go the same way, through the same buffer.
+    """
+    _sink.flush(EXIT_FLUSH_SECONDS)
+    _sink.stream, _sink.level, _sink.max_bytes = stream or sys.stderr, level, buffer_bytes
+    _sink.start()
+    handler = _SinkHandler()
     handler.setFormatter(JsonLineFormatter())
     uvicorn_logger = logging.getLogger("uvicorn.error")
     uvicorn_logger.handlers[:] = [handler]
     uvicorn_logger.setLevel(level)
     uvicorn_logger.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]  # libraries' warnings: the same shape, never a blocking write
+    root.setLevel(max(level, WARNING))
 
 
-def log(event: str, level: int = logging.INFO, **fields: LogValue) -> None:
+def log(event: str, level: int = INFO, **fields: LogValue) -> None:
+    """One line: `ts`, `level`, `event`, `request_id` while one is set, then `fields`.
+
+    Strings longer than FIELD_MAX_CHARS are clipped; values that are not JSON scalars become
+    clipped text, so a field can never make a line long or make logging fail.
+    """
     if _sink.stream is None or level < _sink.level:
         return
+    for key, value in fields.items():
+        if type(value) is str:
+            if len(value) > FIELD_MAX_CHARS:
+                fields[key] = clip(value)
+        elif type(value) not in _SCALARS:
+            fields[key] = _as_text(value)  # from an untyped (Any) source
     line: dict[str, Any] = {
         "ts": round(time.time(), 3),
         "level": _LEVEL_NAMES.get(level) or logging.getLevelName(level).lower(),
-        "event": event,
+        "event": clip(event),
     }
+    request_id = request_id_var.get()
+    if request_id is not None:
+        line["request_id"] = request_id
     line.update(fields)
-    _sink.add(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+    _sink.add(_dumps(line, orjson.OPT_APPEND_NEWLINE))
 
 
-@atexit.register
-def _flush_at_exit() -> None:
-    _sink.flush()
+def _dumps(line: dict[str, Any], option: int = 0) -> bytes:
+    try:
+        return orjson.dumps(line, option=option)
+    except orjson.JSONEncodeError:  # a lone surrogate in a string, or an int beyond 64 bits
+        return orjson.dumps({key: _repaired(value) for key, value in line.items()}, option=option)
+
+
+def _repaired(value: Any) -> Any:
+    if type(value) is str:
+        return value.encode("utf-8", "backslashreplace").decode()
+    if type(value) is int and value.bit_length() > 63:
+        return f"<int of {value.bit_length()} bits>"
+    return value
+
+
+def _as_text(value: object) -> LogValue:
+    if isinstance(value, int | float):  # subclasses (IntEnum...): orjson writes them as numbers
+        return value
+    if isinstance(value, str):
+        return clip(value)
+    try:  # a container or an object: its text, clipped
+        return clip(repr(value))
+    except ValueError:  # a huge int inside
+        return f"<{type(value).__name__}>"
+
+
+def flush(timeout: float | None = EXIT_FLUSH_SECONDS) -> bool:
+    """Wait until every line logged so far is written; False if `timeout` ran out first."""
+    return _sink.flush(timeout)
+
+
+def flush_then_reraise(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM handler for `serve`: write what is queued, then die of the signal as before.
+
+    uvicorn shuts down on SIGTERM and then re-raises it with the handler it found; with the
+    default handler the process ends there and atexit never runs, losing the last lines.
+    """
+    flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
+atexit.register(flush)
 
 
 def elapsed_ms(started: float) -> float:
