@@ -35,7 +35,14 @@ from server.errors import (
     NotFound,
     Overloaded,
 )
-from server.logs import elapsed_ms, log
+from server.logs import (
+    elapsed_ms,
+    level_for_status,
+    log,
+    request_id_from_header,
+    reset_request_id,
+    set_request_id,
+)
 from server.mcp_endpoint import McpEndpoint, session_manager
 from server.responses import error_response
 from server.runner import Runner
@@ -189,12 +196,16 @@ class RequestLog:
         started = time.perf_counter()
         status = 500
         response_started = False
+        request_id = request_id_from_header(_header(scope, b"x-request-id"))
+        token = set_request_id(request_id)  # on every line logged for this request
+        echo = (b"x-request-id", request_id.encode())
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
+                message = {**message, "headers": [*message.get("headers", ()), echo]}
             await send(message)
 
         try:
@@ -203,12 +214,13 @@ class RequestLog:
             log("unhandled_error", logging.ERROR, error=type(exc).__name__)
             if not response_started:
                 status = 500
-                await error_response(InternalError())(scope, receive, send)
+                await error_response(InternalError())(scope, receive, send_and_watch)
         finally:
             state = scope.get("state", {})
             endpoint = scope.get("endpoint")
             log(
                 "request",
+                level_for_status(status),
                 method=scope["method"],
                 endpoint=getattr(endpoint, "__name__", None),
                 project=state.get("project"),
@@ -218,3 +230,11 @@ class RequestLog:
                 fbtrace_id=state.get("fbtrace_id"),
                 duration_ms=elapsed_ms(started),
             )
+            reset_request_id(token)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import math
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -130,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
     base = f"http://{args.host}:{args.port}"
     print(summary(config, base, dev=dev), file=sys.stderr, flush=True)
     logs.configure()
+    signal.signal(signal.SIGTERM, logs.flush_then_reraise)  # uvicorn re-raises it at the end
     if dev:
         project_id = next(iter(config.projects))
         print(

@@ -11,6 +11,7 @@ from server.access import authenticate
 from server.bodies import read_json_body
 from server.errors import BadRequest
 from server.listing import FORMATS, as_function, as_paragon
+from server.logs import clip
 from server.responses import json_response
 from server.runner import Runner
 from tools.base import JsonAnswer
@@ -25,7 +26,7 @@ async def _run(request: Request, name_key: str) -> Response:
     tool_name = body.get(name_key, body.get(other_key))
     if not isinstance(tool_name, str) or not tool_name:
         raise BadRequest(f"The request body needs a '{name_key}' string.", code="INVALID_REQUEST")
-    request.state.tool = tool_name
+    request.state.tool = clip(tool_name)  # caller text, capped before it reaches a log
     if "parameters" not in body:
         raise BadRequest("The request body needs a 'parameters' object.", code="INVALID_REQUEST")
     runner: Runner = request.app.state.runner

@@ -13,6 +13,7 @@ import orjson
 from server.config import Project
 from server.delivery.graph import Delivery, Sender, request_body
 from server.errors import IntegrationNotEnabled, InvalidParameters, NotFound
+from server.logs import clip
 from server.storage.credentials import CredentialStore
 from server.validation import ParameterValidator
 from tools.base import Answer, BuildContext, EventBatch, InvalidEvent, Violation
@@ -59,7 +60,7 @@ class Runner:
         """Validated, mapped, hashed events for one call; no I/O."""
         entry = self.catalog.get(tool_name)
         if entry is None:
-            raise NotFound(f"Unknown tool {tool_name!r}.", code="UNKNOWN_TOOL")
+            raise NotFound(f"Unknown tool {clip(tool_name, 100)!r}.", code="UNKNOWN_TOOL")
         self._validators[tool_name].check(parameters)
         ctx = BuildContext(
             now=self._clock(),

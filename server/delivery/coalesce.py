@@ -15,17 +15,19 @@ availability failures concern every event alike and reach every caller of the gr
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import defaultdict
 from typing import Any
 
 from server.delivery.graph import MAX_EVENTS_PER_REQUEST, Delivery, GraphClient
 from server.errors import UpstreamError, UpstreamRejected
-from server.logs import log
+from server.logs import log, request_id_var, set_request_id
 
 # Deliveries that may share a request: same project, pixel, credentials and test code.
 _Key = tuple[str, str, str, str | None, str | None]
-_Waiting = tuple[Delivery, "asyncio.Future[dict[str, Any]]"]
+# A delivery, its caller's future and its caller's request id (for the lines of a lone send).
+_Waiting = tuple[Delivery, "asyncio.Future[dict[str, Any]]", str | None]
 
 
 class Coalescer:
@@ -38,7 +40,8 @@ class Coalescer:
         """Meta's answer for this delivery's own events; raises like GraphClient.send."""
         loop = asyncio.get_running_loop()
         if not self._waiting:
-            loop.call_soon(self._dispatch)
+            # A shared request belongs to no one caller: its lines carry no request id.
+            loop.call_soon(self._dispatch, context=contextvars.Context())
         batch = delivery.batch
         key = (
             project_id,
@@ -48,7 +51,7 @@ class Coalescer:
             batch.test_event_code,
         )
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._waiting[key].append((delivery, future))
+        self._waiting[key].append((delivery, future, request_id_var.get()))
         return await future
 
     def _dispatch(self) -> None:
@@ -60,15 +63,20 @@ class Coalescer:
                 task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, project_id: str, group: list[_Waiting]) -> None:
-        live = [(d, f) for d, f in group if not f.done()]  # a caller may have gone away
+        live = [waiting for waiting in group if not waiting[1].done()]  # a caller may be gone
         if len(live) == 1:
             await self._alone(project_id, *live[0])
         elif live:
             await self._together(project_id, live)
 
     async def _alone(
-        self, project_id: str, delivery: Delivery, future: asyncio.Future[dict[str, Any]]
+        self,
+        project_id: str,
+        delivery: Delivery,
+        future: asyncio.Future[dict[str, Any]],
+        request_id: str | None,
     ) -> None:
+        set_request_id(request_id)  # this task's own context: the caller's id on its lines
         try:
             answer = await self._graph.send(delivery, project_id=project_id)
         except Exception as exc:  # every failure belongs to its caller
@@ -78,25 +86,25 @@ class Coalescer:
 
     async def _together(self, project_id: str, group: list[_Waiting]) -> None:
         try:
-            combined = Delivery.combined([delivery for delivery, _ in group])
+            combined = Delivery.combined([delivery for delivery, _, _ in group])
             answer = await self._graph.send(combined, project_id=project_id)
         except UpstreamRejected:
             log("graph_group_refused", project=project_id, calls=len(group))
             await self._each_alone(project_id, group)
         except UpstreamError as exc:
             # Credentials and availability concern every event of the group alike.
-            for delivery, future in group:
+            for delivery, future, _ in group:
                 _settle(future, exc.for_caller(delivery.batch.event_ids))
         except Exception as exc:  # not Meta's verdict: no caller pays for sharing
             log("graph_group_failed", logging.ERROR, project=project_id, calls=len(group),
                 error=type(exc).__name__)  # fmt: skip
             await self._each_alone(project_id, group)
         else:
-            for delivery, future in group:
+            for delivery, future, _ in group:
                 _settle(future, {**answer, "events_received": len(delivery.batch.events)})
 
     async def _each_alone(self, project_id: str, group: list[_Waiting]) -> None:
-        await asyncio.gather(*(self._alone(project_id, d, f) for d, f in group))
+        await asyncio.gather(*(self._alone(project_id, *waiting) for waiting in group))
 
 
 def _chunks(group: list[_Waiting]) -> list[list[_Waiting]]:
