@@ -314,6 +314,7 @@ def test_phone_national_number_takes_the_regions_code_and_says_so(
     value: str, region: str, digits: str
 ) -> None:
     assert phone(value, region) == (digits, [PHONE_CODE_ADDED])
+    assert sdk("ph", value) != sha(digits)  # the SDK never adds a country code
 
 
 @pytest.mark.parametrize(
@@ -324,8 +325,8 @@ def test_phone_without_country_code_or_region_is_not_sent_and_said(value: str) -
     assert normal is None
     assert len(notes) == 1 and notes[0].startswith(PHONE_NOT_SENT)
     assert hash_value("ph", value) is None
-    digits = "".join(c for c in value if c.isdigit()).lstrip("0")
-    assert sdk("ph", value) in (sha(digits), REJECTED)  # the SDK hashes what Meta cannot match
+    national = "".join(c for c in value if c.isdigit()).lstrip("0")
+    assert sdk("ph", value) == sha(national)  # the SDK hashes what Meta cannot match
 
 
 @pytest.mark.parametrize(
@@ -350,6 +351,13 @@ def test_phone_too_short_or_not_a_number_is_refused_never_prefixed(
     with pytest.raises(NormalizationError) as caught:
         phone(value, region)
     assert value not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["+1 555 1212", "+44 20 7946", "555-1212"])
+def test_beyond_sdk_phone_too_short_for_its_country_is_refused(value: str) -> None:
+    with pytest.raises(NormalizationError):
+        phone(value, "US")
+    assert sdk("ph", value) == sha("".join(c for c in value if c.isdigit()))
 
 
 def test_phone_region_is_any_case_and_unknown_regions_are_ignored() -> None:
