@@ -83,7 +83,7 @@ class Runner:
         except orjson.JSONEncodeError:
             raise InvalidParameters([Violation("parameters", "cannot be sent as JSON")]) from None
         answer = await self._sender.send(delivery, project_id=project.id)
-        return self.catalog[tool_name].tool.present(answer, parameters)
+        return self.catalog[tool_name].tool.present({**answer, **_warnings(batch)}, parameters)
 
     def dry_run(
         self, project: Project, user_id: str, tool_name: str, parameters: Any
@@ -99,4 +99,12 @@ class Runner:
                 "body": request_body(batch),
             },
             "match_keys": [match_keys(event) for event in batch.events],
+            **_warnings(batch),
         }
+
+
+def _warnings(batch: EventBatch) -> dict[str, Any]:
+    """What the mapping dropped or rewrote, by path (never a value); nothing when all is well."""
+    if not batch.warnings:
+        return {}
+    return {"warnings": [{"path": w.path, "message": w.message} for w in batch.warnings]}

@@ -120,3 +120,30 @@ def test_parse_content_ids_is_fast_on_long_runs(value: str) -> None:
     with contextlib.suppress(ValueError):
         parse_content_ids(value)
     assert time.perf_counter() - started < 1.0
+
+
+BIG = 256 * 1024
+ADVERSARIAL = {
+    "quotes": "[" + "'" * BIG + "]",
+    "escaped-quotes": "['" + "\\'" * (BIG // 2) + "]",
+    "backslashes": "['" + "\\" * BIG + "']",
+    "commas": "[" + "," * BIG + "]",
+    "quoted-items-no-commas": "[" + "'a' " * (BIG // 4) + "]",
+    "open-quote-then-spaces": "['a" + " " * BIG + "]",
+    "bare-then-spaces": "[a" + " ," * (BIG // 2) + "]",
+    "unclosed-double-quotes": '["' + 'a",' * (BIG // 3) + "]",
+    "brackets": "[" * BIG,
+    "digits": "1" * BIG,
+    "iso-like": "2024-05-01T10:00:00" + "0" * BIG,
+}
+
+
+@pytest.mark.parametrize("value", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
+def test_every_parser_is_linear_on_256_kib_adversarial_input(value: str) -> None:
+    """Gross bounds: linear passes take well under 0.3 s here, a backtracking pattern
+    (quadratic or worse) takes many seconds."""
+    for parse in (parse_content_ids, parse_event_time):
+        started = time.perf_counter()
+        with contextlib.suppress(ValueError):
+            parse(value)
+        assert time.perf_counter() - started < 1.0, parse.__name__

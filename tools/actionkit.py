@@ -86,7 +86,10 @@ def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | 
             raw_user[destination[1]] = value  # build_user_data drops blank ones
         elif value != "":
             custom_data[destination[1]] = value.strip() if isinstance(value, str) else value
-    user_data, user_violations = build_user_data(raw_user, _path_of, phone_region=ctx.phone_region)
+    warnings: list[Violation] = []
+    user_data, user_violations = build_user_data(
+        raw_user, _path_of, phone_region=ctx.phone_region, now=ctx.now, warnings=warnings
+    )
     violations += user_violations
 
     event_time, time_ok = int(ctx.now), True
@@ -126,4 +129,4 @@ def build_event(parameters: Parameters, ctx: BuildContext, *, event_name: str | 
     if violations:
         raise InvalidEvent(violations)
     test_code = _text(parameters, "testEventCode") or ctx.test_event_code
-    return EventBatch(pixel_id=pixel, events=[event], test_event_code=test_code)
+    return EventBatch(pixel_id=pixel, events=[event], test_event_code=test_code, warnings=warnings)

@@ -45,6 +45,9 @@ class EventBatch:
     pixel_id: str
     events: list[dict[str, Any]]
     test_event_code: str | None = None
+    # What mapping dropped or changed in meaning (a key not sent, a ZIP+4 cut, ...), for the
+    # caller's answer; never sent to Meta, never a value.
+    warnings: list[Violation] = field(default_factory=list)
 
     @property
     def event_ids(self) -> list[str]:

@@ -16,10 +16,12 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
+from tools import hashing
 from tools.base import BuildContext, Violation
-from tools.hashing import HASHED_KEYS, NormalizationError, hash_value, is_sha256_hex, normalize
+from tools.hashing import HASHED_KEYS, NormalizationError, hash_value, is_sha256_hex
 
 MAX_AGE_SECONDS = 7 * 86400
 MAX_AGE_SECONDS_PHYSICAL_STORE = 62 * 86400
@@ -42,8 +44,9 @@ _PIXEL_ID = re.compile(r"[0-9]{1,32}")
 
 
 def pixel_violations(pixel_id: str, path: str) -> list[Violation]:
-    """Pixel ids are numeric; checking keeps a crafted id from reshaping the Graph URL."""
-    if _PIXEL_ID.fullmatch(pixel_id.strip()):
+    """Pixel ids are numeric; checking keeps a crafted id from reshaping the Graph URL. The id
+    is checked exactly as it will be used (`"123\n"` is refused, not stripped)."""
+    if len(pixel_id) <= 32 and _PIXEL_ID.fullmatch(pixel_id):
         return []
     return [Violation(path, "must be a numeric Pixel (dataset) ID")]
 
@@ -54,47 +57,87 @@ def prefixed(prefix: str) -> PathOf:
 
 
 def build_user_data(
-    raw: Mapping[str, UserDataValue], path_of: PathOf, *, phone_region: str | None = None
+    raw: Mapping[str, UserDataValue],
+    path_of: PathOf,
+    *,
+    phone_region: str | None = None,
+    now: float | None = None,
+    warnings: list[Violation] | None = None,
 ) -> tuple[dict[str, Any], list[Violation]]:
     """CAPI `user_data` from raw values keyed by CAPI key (`path_of` gets `user_data.<key>`).
 
-    Hashed keys are normalised and SHA-256 hashed, one value or a list (deduplicated); the
-    others (IP, user agent, fbc, fbp, ...) are kept exactly, case included. Empty values are
-    dropped, never hashed. Violations name the parameter, never its value.
+    Hashed keys are normalised and SHA-256 hashed, one value or a list (deduplicated, order
+    kept; a problem names the item, `user_data.ph[1]`); the others (IP, user agent, fbc,
+    fbp, ...) are kept exactly, case included. Empty values are dropped, never hashed. A
+    phone number without a country code is placed in the customer's country, else in
+    `phone_region` (the project's default). `now` (Unix seconds) bounds a date of birth.
+    What was dropped or changed in meaning is appended to `warnings` (tools/hashing.py says
+    which); violations are what Meta would reject. Both name the parameter, never its value.
     """
     user_data: dict[str, Any] = {}
     violations: list[Violation] = []
     country = _plain_country(raw.get("country"))  # steers the US-only rules for st and zp
-    region = phone_region or country
+    region = hashing.phone_region(country, phone_region) if "ph" in raw else None
+    today = None if now is None or "db" not in raw else datetime.fromtimestamp(now, UTC).date()
+
+    notes: list[str] | None = None if warnings is None else []  # reused: cleared after use
     for key, value in raw.items():
         if not value:
             continue
         try:
             if isinstance(value, str):
-                text = value.strip()
-                if not text:
-                    continue
                 if key in HASHED_KEYS:
-                    hashed = hash_value(key, text, country=country, phone_region=region)
-                    if hashed is not None:
-                        user_data[key] = [hashed]
-                elif key == "client_ip_address":
-                    if (address := _ip_address(text)) is None:
-                        raise NormalizationError("is not an IP address")
+                    digest = hash_value(
+                        key, value, country=country, phone_region=region, today=today, notes=notes
+                    )
+                    if digest is not None:
+                        user_data[key] = [digest]
+                    if notes is not None and (notes or digest is None):
+                        _warn(warnings, notes, value, _path(path_of, key))
+                elif not (text := value.strip()):
+                    continue
+                elif key != "client_ip_address":
+                    user_data[key] = text
+                elif (address := _ip_address(text)) is not None:
                     user_data[key] = address
                 else:
-                    user_data[key] = text
-            elif kept := _hash_all(key, value, country, region):
-                user_data[key] = kept
+                    raise NormalizationError("is not an IP address")
+            elif key in HASHED_KEYS:
+                hashes = []
+                for index, item in enumerate(value):  # an item's problem names its index
+                    where = f"{_path(path_of, key)}[{index}]"
+                    try:
+                        digest = hash_value(
+                            key, item, country=country, phone_region=region, today=today,
+                            notes=notes,
+                        )  # fmt: skip
+                    except NormalizationError as exc:
+                        violations.append(Violation(where, str(exc)))
+                        continue
+                    if digest is not None:
+                        hashes.append(digest)
+                    if notes is not None and (notes or digest is None):
+                        _warn(warnings, notes, item, where)
+                if hashes:
+                    user_data[key] = list(dict.fromkeys(hashes))
         except NormalizationError as exc:
-            violations.append(Violation(path_of(f"user_data.{key}"), str(exc)))
+            violations.append(Violation(_path(path_of, key), str(exc)))
     return user_data, violations
 
 
-def _hash_all(key: str, values: list[str], country: str | None, region: str | None) -> list[str]:
-    """Hashes of a list of values (only hashed keys take lists), deduplicated, order kept."""
-    hashes = (hash_value(key, v, country=country, phone_region=region) for v in values)
-    return list(dict.fromkeys(h for h in hashes if h is not None))
+_NOTHING_LEFT = "has nothing left once normalised as Meta requires: not sent"
+
+
+def _path(path_of: PathOf, key: str) -> str:
+    return path_of(f"user_data.{key}")
+
+
+def _warn(warnings: list[Violation] | None, notes: list[str], value: str, path: str) -> None:
+    """Move `notes` into `warnings`; a value dropped without a note of its own (nothing left
+    after normalising) says so. A blank value was never there: no warning."""
+    if warnings is not None and (notes or value.strip()):
+        warnings.extend(Violation(path, note) for note in notes or [_NOTHING_LEFT])
+    notes.clear()
 
 
 def _ip_address(text: str) -> str | None:
@@ -111,24 +154,35 @@ def _ip_address(text: str) -> str | None:
 
 def _plain_country(value: UserDataValue) -> str | None:
     first = value if isinstance(value, str) else next(iter(value or []), None)
-    if first is None or is_sha256_hex(first.strip().lower()):
+    if first is None or len(first) > hashing.MAX_CHARS["country"]:
+        return None  # too long: refused where the country itself is hashed
+    if is_sha256_hex(first.strip().lower()):
         return None
     try:
-        return normalize("country", first)
+        return hashing.country_code(first)
     except NormalizationError:
         return None  # reported where the country itself is hashed
 
 
 def map_raw_event(
-    raw: Mapping[str, Any], ctx: BuildContext, path_of: PathOf
+    raw: Mapping[str, Any],
+    ctx: BuildContext,
+    path_of: PathOf,
+    *,
+    warnings: list[Violation] | None = None,
 ) -> tuple[dict[str, Any], list[Violation]]:
     """A server event from CAPI-shaped, schema-valid input (snake_case, Unix `event_time`).
 
-    `user_data` is normalised and hashed as in `build_user_data`; everything else passes
-    through; `event_id` is generated when absent so retries deduplicate.
+    `user_data` is normalised and hashed as in `build_user_data` (its warnings go to
+    `warnings`); everything else passes through; `event_id` is generated when absent so
+    retries deduplicate.
     """
     user_data, violations = build_user_data(
-        raw.get("user_data", {}), path_of, phone_region=ctx.phone_region
+        raw.get("user_data", {}),
+        path_of,
+        phone_region=ctx.phone_region,
+        now=ctx.now,
+        warnings=warnings,
     )
     event = {k: v for k, v in raw.items() if v not in (None, "")}
     event["user_data"] = user_data

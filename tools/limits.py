@@ -13,16 +13,17 @@ from typing import Any
 EMAIL = 254
 URL = 4096
 DEFAULT_STRING = 1024
-# Longest lengths by parameter name, camelCase and CAPI's snake_case alike.
+# Longest lengths by parameter name, camelCase and CAPI's snake_case alike. A hashed key takes
+# at least 64, room for a value already hashed (64-hex SHA-256), which passes through.
 STRING_LIMITS = {
     **dict.fromkeys(("customerEmail", "em"), EMAIL),
     **dict.fromkeys(("customerPhone", "ph"), 64),
     **dict.fromkeys(("customerFirstName", "customerLastName", "fn", "ln"), 256),
     **dict.fromkeys(("customerCity", "ct", "customerState", "st"), 256),
     **dict.fromkeys(("customerCountryCode", "country"), 64),
-    **dict.fromkeys(("customerZip", "zp"), 32),
-    **dict.fromkeys(("customerGender", "ge"), 16),
-    **dict.fromkeys(("customerDateOfBirth", "db"), 32),
+    **dict.fromkeys(("customerZip", "zp"), 64),
+    **dict.fromkeys(("customerGender", "ge"), 64),
+    **dict.fromkeys(("customerDateOfBirth", "db"), 64),
     **dict.fromkeys(("customerExternalId", "external_id"), 512),
     **dict.fromkeys(("customerClientIpAddress", "client_ip_address"), 64),
     **dict.fromkeys(("customerClientUserAgent", "client_user_agent"), 2048),

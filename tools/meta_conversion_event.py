@@ -16,6 +16,7 @@ from tools.base import (
     Parameters,
     TextAnswer,
     Tool,
+    Violation,
 )
 from tools.capi import map_raw_event, pixel_violations, prefixed
 
@@ -25,12 +26,18 @@ _NOT_EVENT_FIELDS = ("pixel_id", "test_event_code", "response_format")
 
 def build(parameters: Parameters, ctx: BuildContext) -> EventBatch:
     raw = {k: v for k, v in parameters.items() if k not in _NOT_EVENT_FIELDS}
-    event, violations = map_raw_event(raw, ctx, prefixed("parameters."))
+    warnings: list[Violation] = []
+    event, violations = map_raw_event(raw, ctx, prefixed("parameters."), warnings=warnings)
     violations = pixel_violations(parameters["pixel_id"], "parameters.pixel_id") + violations
     if violations:
         raise InvalidEvent(violations)
     test_code = parameters.get("test_event_code") or ctx.test_event_code
-    return EventBatch(pixel_id=parameters["pixel_id"], events=[event], test_event_code=test_code)
+    return EventBatch(
+        pixel_id=parameters["pixel_id"],
+        events=[event],
+        test_event_code=test_code,
+        warnings=warnings,
+    )
 
 
 def present(answer: Mapping[str, Any], parameters: Parameters) -> Answer:
@@ -45,11 +52,12 @@ def present(answer: Mapping[str, Any], parameters: Parameters) -> Answer:
     if test_code := parameters.get("test_event_code"):
         lines.append(f"- test event code: `{test_code}` (see Events Manager > Test Events)")
     lines += [f"- message: {message}" for message in answer.get("messages") or []]
-    lines += [f"- warning: {warning}" for warning in warnings(parameters)]
+    lines += [f"- warning: {w['path']}: {w['message']}" for w in answer.get("warnings") or []]
+    lines += [f"- warning: {warning}" for warning in advice(parameters)]
     return TextAnswer("\n".join(lines), "text/markdown; charset=utf-8")
 
 
-def warnings(parameters: Parameters) -> list[str]:
+def advice(parameters: Parameters) -> list[str]:
     """What Meta accepts but ads optimisation will miss."""
     custom = parameters.get("custom_data") or {}
     if parameters.get("event_name") == "Purchase" and not {"value", "currency"} <= custom.keys():

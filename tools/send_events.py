@@ -22,15 +22,19 @@ NAME = "FACEBOOK_ADS_SEND_EVENTS"
 
 def build(parameters: Parameters, ctx: BuildContext) -> EventBatch:
     violations: list[Violation] = pixel_violations(parameters["pixel_id"], "parameters.pixel_id")
+    warnings: list[Violation] = []
     events = []
     for index, raw in enumerate(parameters["events"]):
-        event, event_violations = map_raw_event(raw, ctx, prefixed(f"parameters.events[{index}]."))
+        path_of = prefixed(f"parameters.events[{index}].")
+        event, event_violations = map_raw_event(raw, ctx, path_of, warnings=warnings)
         events.append(event)
         violations += event_violations
     if violations:
         raise InvalidEvent(violations)
     test_code = parameters.get("test_event_code") or ctx.test_event_code
-    return EventBatch(pixel_id=parameters["pixel_id"], events=events, test_event_code=test_code)
+    return EventBatch(
+        pixel_id=parameters["pixel_id"], events=events, test_event_code=test_code, warnings=warnings
+    )
 
 
 TOOL = Tool(
