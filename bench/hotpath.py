@@ -66,10 +66,10 @@ FUNCTIONS = [
     ("RequestLog middleware, whole request", ("RequestLog.__call__",), "/server/app.py"),
     (
         "user token check (cache or JWT verify)",
-        ("VerifiedTokens.verify", "verify_user_token"),
+        ("VerifiedTokens.verify", "_verify"),
         "/server/auth.py",
     ),
-    ("read_json_body (body + orjson.loads)", ("read_json_body",), "/server/routes.py"),
+    ("read_json_body (body + orjson.loads)", ("read_json_body",), "/server/bodies.py"),
     ("ParameterValidator.check", ("ParameterValidator.check",), "/server/validation.py"),
     ("tool.build (map, rules, hashing)", ("build_event",), "/tools/"),
     ("  of which hash_value", ("hash_value",), "/tools/hashing.py"),

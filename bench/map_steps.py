@@ -25,7 +25,7 @@ def best_us(fn: Callable[[], object]) -> float:
 def main() -> None:
     now = time.time()
     full = parameters(0, "steps", now)  # the mix's first event: full customer data
-    tool = load_catalog()["FACEBOOK_ADS_SEND_FUNNEL_EVENT"]
+    tool = load_catalog()["FACEBOOK_ADS_SEND_FUNNEL_EVENT"].tool
     ctx = BuildContext(now=now, new_event_id=lambda: "id")
     event = tool.build(full, ctx).events[0]
     rows: list[tuple[str, float]] = [
