@@ -10,7 +10,7 @@ import pytest
 from server import auth
 from server.auth import VerifiedTokens
 from server.errors import Unauthorized
-from tests.conftest import make_config
+from tests.support import make_config
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import private_pem, public_pem
-from tests.test_e2e import free_port
+from tests.support import free_port, private_pem, public_pem
 
 FUNNELGATE = str(Path(sys.executable).parent / "funnelgate")
 

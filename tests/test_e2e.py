@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import PIXEL, funnel_parameters, public_pem
-from tests.fakegraph import FakeGraphServer
 from tests.live import serving
+from tests.support import (
+    PIXEL,
+    WallClockGraph,
+    free_port,
+    funnel_parameters,
+    public_pem,
+    rsa_private_key,
+    sign_token,
+)
 
 PROJECT = "e2e-project"
 UNCONNECTED = "e2e-unconnected"
@@ -33,23 +38,14 @@ PII = ["Joe.Smith@Example.COM", "joe.smith@example.com", "Smith", "San Francisco
 FUNNELGATE = Path(sys.executable).parent / "funnelgate"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def keys() -> dict[str, Any]:
-    return {
-        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        "other": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-    }
+    return {"rsa": rsa_private_key(), "other": rsa_private_key()}
 
 
 @pytest.fixture(scope="module")
-def fake_graph() -> Iterator[FakeGraphServer]:
-    server = FakeGraphServer()
+def fake_graph() -> Iterator[WallClockGraph]:
+    server = WallClockGraph()
     with serving(server.app(), lifespan="off") as base_url:
         server.base_url = base_url
         yield server
@@ -109,21 +105,15 @@ def _wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def graph(fake_graph: FakeGraphServer) -> FakeGraphServer:
+def graph(fake_graph: WallClockGraph) -> WallClockGraph:
     fake_graph.reset()
     return fake_graph
 
 
-def token(key: Any, *, project: str = PROJECT, algorithm: str = "RS256", **claims: Any) -> str:
-    now = int(time.time())
-    payload = {
-        "sub": "user-1",
-        "iat": now,
-        "exp": now + 600,
-        "aud": f"useparagon.com/{project}",
-        **claims,
-    }
-    return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm=algorithm)
+def token(key: Any, *, project: str = PROJECT, **claims: Any) -> str:
+    """A token valid now for `project`, with its audience."""
+    claims = {"aud": f"useparagon.com/{project}", **claims}
+    return sign_token(key, now=time.time(), ttl=600, **claims)
 
 
 def run(served, bearer: str | None, parameters: dict[str, Any], *, project: str = PROJECT,
@@ -198,7 +188,7 @@ def _hs256_with_public_key(keys: dict[str, Any]) -> str:
         pytest.param(lambda k: token(k["rsa"], aud="useparagon.com/another"), id="wrong-audience"),
         pytest.param(lambda k: token(k["rsa"], pad="x" * 9000), id="oversized"),
         pytest.param(
-            lambda k: token(ec.generate_private_key(ec.SECP256R1()), algorithm="ES256"),
+            lambda k: token(ec.generate_private_key(ec.SECP256R1())),
             id="es256-for-rsa-project",
         ),
     ],

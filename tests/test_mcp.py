@@ -18,9 +18,9 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from server.app import create_app
-from tests.conftest import PIXEL, PROJECT, make_config
-from tests.fakegraph import FakeGraphServer
 from tests.live import serving
+from tests.support import PIXEL, PROJECT, make_config
+from tests.support import WallClockGraph as FakeGraphServer
 
 OTHER_PROJECT = "project-without-token"
 

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.testclient import TestClient
 
-from server.app import create_app
-from server.delivery.transport import HttpxTransport
 from server.storage.credentials import CredentialStore
-from tests.conftest import (
+from tests.support import (
     NOW,
     PIXEL,
     PROJECT,
-    FakeGraph,
+    Step,
     funnel_parameters,
     graph_error,
-    make_config,
 )
 
 URL = f"/projects/{PROJECT}/tools"
@@ -33,7 +29,7 @@ def sha(value: str) -> str:
 
 
 def call(client: TestClient, sign: Callable[..., str], parameters: object, *, path: str = URL,
-         key: str = "tool", tool: str = "FACEBOOK_ADS_SEND_FUNNEL_EVENT") -> httpx.Response:  # fmt: skip
+         key: str = "tool", tool: str = "FACEBOOK_ADS_SEND_FUNNEL_EVENT") -> httpx2.Response:  # fmt: skip
     return client.post(
         path,
         json={key: tool, "parameters": parameters},
@@ -46,9 +42,9 @@ def test_success_sends_exactly_the_mapped_event_and_unwraps_metas_answer(client,
 
     assert response.status_code == 200
     assert response.json() == {"events_received": 1, "messages": [], "fbtrace_id": "AbC123"}
-    [request] = graph.requests
-    assert str(request.url) == f"https://graph.example.test/v24.0/{PIXEL}/events"
-    assert request.url.query == b""  # the token never travels in the URL
+    [request] = graph.received
+    assert request.url == f"https://graph.example.test/v24.0/{PIXEL}/events"
+    assert request.query == ""  # the token never travels in the URL
     assert request.headers["content-type"] == "application/json"
     assert graph.bodies()[0] == {
         "data": [
@@ -112,7 +108,7 @@ def test_already_hashed_values_pass_through_and_empty_strings_are_dropped(client
     assert "fn" not in user_data and "ct" not in user_data
 
 
-def violations(response: httpx.Response) -> dict[str, str]:
+def violations(response: httpx2.Response) -> dict[str, str]:
     assert response.status_code == 400, response.text
     body = response.json()
     assert body["code"] == "INVALID_PARAMETERS" and body["retryable"] is False
@@ -129,7 +125,7 @@ def test_schema_violations_are_all_reported_and_nothing_is_sent(client, graph, s
         "parameters.eventTime": "must be of type string",
         "parameters.customerEmial": "is not a parameter of FACEBOOK_ADS_SEND_FUNNEL_EVENT",
     }
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_parameters_must_be_an_object(client, graph, sign):
@@ -166,7 +162,7 @@ def test_what_meta_would_reject_is_refused_with_the_field_path(
 ):
     found = violations(call(client, sign, funnel_parameters(**overrides)))
     assert fragment in found[path]
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_event_needs_a_customer_identifier(client, graph, sign):
@@ -175,14 +171,14 @@ def test_event_needs_a_customer_identifier(client, graph, sign):
         "at least one customer identifier"
         in violations(call(client, sign, parameters))["parameters"]
     )
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_baseline_matching_rule_refuses_location_only_customers(client, graph, sign):
     parameters = {"pixel": PIXEL, "eventName": "Lead", "actionSource": "chat",
                   "customerCity": "Paris", "customerCountryCode": "FR"}  # fmt: skip
     assert "baseline matching" in violations(call(client, sign, parameters))["parameters"]
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_errors_never_echo_customer_data(client, sign):
@@ -193,65 +189,49 @@ def test_errors_never_echo_customer_data(client, sign):
     assert "secret-person" not in response.text
 
 
-def test_unconnected_user_gets_integration_not_enabled(
-    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph, sign
-):
-    config = make_config(tmp_path, rsa_key)  # no project-wide token
-    app = create_app(
-        config,
-        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-        clock=lambda: NOW,
-    )
-    with TestClient(app) as client:
-        response = call(client, sign, funnel_parameters())
-        assert response.status_code == 400
-        assert response.json()["code"] == "INTEGRATION_NOT_ENABLED"
-        assert response.json()["message"] == "Integration not enabled for user."
-        assert graph.requests == []
+def test_unconnected_user_gets_integration_not_enabled(make_client, graph, sign, tmp_path: Path):
+    client = make_client(facebook_access_token=None)
+    response = call(client, sign, funnel_parameters())
+    assert response.status_code == 400
+    assert response.json()["code"] == "INTEGRATION_NOT_ENABLED"
+    assert response.json()["message"] == "Integration not enabled for user."
+    assert graph.received == []
 
-        CredentialStore(config.database_path).set(PROJECT, "user-1", "EAAB-user-token")
-        assert call(client, sign, funnel_parameters()).status_code == 200
-        assert graph.bodies()[0]["access_token"] == "EAAB-user-token"
+    CredentialStore(tmp_path / "funnelgate.db").set(PROJECT, "user-1", "EAAB-user-token")
+    assert call(client, sign, funnel_parameters()).status_code == 200
+    assert graph.bodies()[0]["access_token"] == "EAAB-user-token"
 
 
 def test_users_own_credential_wins_and_app_secret_adds_proof(
-    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph, sign
+    make_client, graph, sign, tmp_path: Path
 ):
-    config = make_config(
-        tmp_path, rsa_key, facebook_access_token="EAAB-project", facebook_app_secret="s3cret"
-    )
-    CredentialStore(config.database_path).set(PROJECT, "user-1", "EAAB-user")
-    app = create_app(
-        config,
-        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-        clock=lambda: NOW,
-    )
-    with TestClient(app) as client:
-        assert call(client, sign, funnel_parameters()).status_code == 200
+    CredentialStore(tmp_path / "funnelgate.db").set(PROJECT, "user-1", "EAAB-user")
+    client = make_client(facebook_access_token="EAAB-project", facebook_app_secret="s3cret")
+    assert call(client, sign, funnel_parameters()).status_code == 200
     body = graph.bodies()[0]
     assert body["access_token"] == "EAAB-user"
     assert body["appsecret_proof"] == hmac.new(b"s3cret", b"EAAB-user", hashlib.sha256).hexdigest()
 
 
 def test_transient_error_is_retried_with_the_same_event_id(client, graph, sign):
-    graph.script = [graph_error(500, 2, is_transient=True)]
+    graph.script.append(graph_error(500, 2, is_transient=True))
     response = call(client, sign, funnel_parameters(eventId=None))
     assert response.status_code == 200
-    first, second = graph.requests
-    assert first.content == second.content  # same bytes, so the same generated event_id
+    first, second = graph.received
+    assert first.body == second.body  # same bytes, so the same generated event_id
 
 
 @pytest.mark.parametrize("code", [1, 2, 4, 17, 341, 368, 613])
 def test_transient_codes_are_retried(client, graph, sign, code):
-    graph.script = [graph_error(400, code)]
+    graph.script.append(graph_error(400, code))
     assert call(client, sign, funnel_parameters()).status_code == 200
-    assert len(graph.requests) == 2
+    assert len(graph.received) == 2
 
 
 def test_permanent_rejection_is_not_retried_and_carries_metas_details(client, graph, sign):
-    graph.script = [
+    graph.script.append(
         graph_error(400, 100, error_subcode=2804050, error_user_msg="Insufficient info")
-    ]
+    )
     response = call(client, sign, funnel_parameters())
     assert response.status_code == 400
     body = response.json()
@@ -262,53 +242,36 @@ def test_permanent_rejection_is_not_retried_and_carries_metas_details(client, gr
         "error_subcode": 2804050, "error_user_msg": "Insufficient info",
         "fbtrace_id": "ErrTrace", "http_status": 400, "attempts": 1,
     }  # fmt: skip
-    assert len(graph.requests) == 1
+    assert len(graph.received) == 1
 
 
 @pytest.mark.parametrize("code", [190, 102, 10, 200, 294, 3])
 def test_token_and_permission_errors_are_upstream_auth(client, graph, sign, code):
-    graph.script = [graph_error(400, code)]
+    graph.script.append(graph_error(400, code))
     response = call(client, sign, funnel_parameters())
     assert (response.status_code, response.json()["code"]) == (502, "UPSTREAM_AUTH")
-    assert len(graph.requests) == 1
+    assert len(graph.received) == 1
 
 
-def test_giving_up_on_5xx_is_502_unavailable_and_retryable(tmp_path, rsa_key, sign):
-    config = make_config(tmp_path, rsa_key, facebook_access_token="t")
-    graph = FakeGraph(script=[lambda _r: httpx.Response(503, text="<html>busy</html>")] * 100)
-    config = type(config)(
-        **{**config.__dict__, "graph": type(config.graph)(retry_deadline_seconds=0.8)}
-    )
-    app = create_app(
-        config,
-        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-        clock=lambda: NOW,
-    )
-    with TestClient(app) as client:
-        response = call(client, sign, funnel_parameters())
+def test_giving_up_on_5xx_is_502_unavailable_and_retryable(make_client, graph, sign):
+    client = make_client(graph_settings={"retry_deadline_seconds": 0.8})
+    graph.script.extend([Step(503, content=b"<html>busy</html>")] * 100)
+    response = call(client, sign, funnel_parameters())
     body = response.json()
     assert (response.status_code, body["code"], body["retryable"]) == (
         502,
         "UPSTREAM_UNAVAILABLE",
         True,
     )
-    assert body["upstream"]["attempts"] == len(graph.requests) >= 2
-    assert len({r.content for r in graph.requests}) == 1
+    assert body["upstream"]["attempts"] == len(graph.received) >= 2
+    assert len({r.body for r in graph.received}) == 1
 
 
-def test_timeouts_end_in_504(tmp_path, rsa_key, sign):
-    config = make_config(tmp_path, rsa_key, facebook_access_token="t")
-    settings = type(config.graph)(timeout_seconds=0.05, retry_deadline_seconds=0.4)
-    config = type(config)(**{**config.__dict__, "graph": settings})
-
-    def hang(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
-
-    app = create_app(
-        config, graph_transport=HttpxTransport(httpx.MockTransport(hang)), clock=lambda: NOW
-    )
-    with TestClient(app) as client:
-        response = call(client, sign, funnel_parameters())
+def test_timeouts_end_in_504(make_client, graph, sign):
+    settings = {"timeout_seconds": 0.05, "retry_deadline_seconds": 0.4}
+    client = make_client(graph_settings=settings)
+    graph.script.extend([Step(delay=1.0)] * 20)
+    response = call(client, sign, funnel_parameters())
     assert (response.status_code, response.json()["code"]) == (504, "UPSTREAM_UNAVAILABLE")
 
 
@@ -330,11 +293,11 @@ def test_bad_requests_get_json_errors_with_stable_codes(client, graph, sign, kwa
     response = client.post(URL, headers=headers, **kwargs)
     assert (response.status_code, response.json()["code"]) == (status, code)
     assert response.json()["message"]
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_body_over_1_mib_without_content_length_is_refused(client, sign):
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         for _ in range(20):
             yield b" " * 65536
 
@@ -369,7 +332,7 @@ def test_a_trailing_slash_is_served_without_a_redirect(client, graph, sign, path
         follow_redirects=False,
     )
     assert response.status_code == 200
-    assert len(graph.requests) == 1
+    assert len(graph.received) == 1
 
 
 def test_list_tools_and_health_answer_with_a_trailing_slash(client, sign):

@@ -4,38 +4,29 @@ connections, timeouts, and a pool that survives a cancelled attempt."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 
 import orjson
 import pytest
 
-from server.delivery.transport import AiohttpTransport, ConnectionFailed
-from tests.fakegraph import FakeGraphServer
+from server.delivery.transport import AiohttpTransport, Answer, ConnectionFailed
 from tests.live import serving
-
-PIXEL = "123456789012345"
+from tests.support import PIXEL, FakeGraph, free_port
 
 
 @pytest.fixture(scope="module")
-def graph() -> Iterator[FakeGraphServer]:
-    fake = FakeGraphServer()
-    with serving(fake.app()) as base_url:
+def graph() -> Iterator[FakeGraph]:
+    fake = FakeGraph()
+    with serving(fake.app(), lifespan="off") as base_url:
         fake.base_url = base_url
         yield fake
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed when the block ends: nothing listens
 
 
 def test_answer_carries_status_and_body_and_json_headers(graph):
     graph.reset()
     graph.script.append({"status": 500, "error": {"code": 2, "is_transient": True}})
 
-    async def go():
+    async def go() -> Answer:
         transport = AiohttpTransport(max_connections=4)
         try:
             return await transport.post(f"{graph.base_url}/v24.0/{PIXEL}/events", b"{}")
@@ -51,10 +42,10 @@ def test_answer_carries_status_and_body_and_json_headers(graph):
 
 
 def test_refused_connection_is_connection_failed():
-    async def go():
+    async def go() -> None:
         transport = AiohttpTransport(max_connections=4)
         try:
-            await transport.post(f"http://127.0.0.1:{_closed_port()}/v24.0/1/events", b"{}")
+            await transport.post(f"http://127.0.0.1:{free_port()}/v24.0/1/events", b"{}")
         finally:
             await transport.aclose()
 
@@ -67,7 +58,7 @@ def test_pool_keeps_working_after_an_attempt_is_cancelled_by_its_timeout(graph):
     graph.script.append({"delay": 1.0})
     url = f"{graph.base_url}/v24.0/{PIXEL}/events"
 
-    async def go():
+    async def go() -> Answer:
         transport = AiohttpTransport(max_connections=1)  # one connection: it must come back
         try:
             with pytest.raises(TimeoutError):

@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 
 from server.errors import InvalidParameters
 from server.validation import ParameterValidator
-from tests.conftest import PIXEL, funnel_parameters
+from tests.support import PIXEL, funnel_parameters
 from tools.catalog import load_catalog
 
 TOOLS = load_catalog()
