@@ -181,12 +181,41 @@ def test_baseline_matching_rule_refuses_location_only_customers(client, graph, s
     assert graph.received == []
 
 
-def test_errors_never_echo_customer_data(client, sign):
-    response = call(
-        client, sign, funnel_parameters(customerEmail="secret-person-at-nowhere", eventTime=7)
-    )
-    assert response.status_code == 400
-    assert "secret-person" not in response.text
+# Raw values the mapping refuses though the schema takes them (strings, right names).
+REFUSED = {"customerEmail": "secretperson-at-nowhere", "customerPhone": "secretphone-42",
+           "customerCountryCode": "secretlandia", "customerClientIpAddress": "secretaddress-1",
+           "customerGender": "secretgender", "customerDateOfBirth": "secretbirthday"}  # fmt: skip
+# Every other customer field, with raw values just as recognisable, that the mapping takes.
+ACCEPTED = {"customerFirstName": "secretfirstname", "customerLastName": "secretlastname",
+            "customerCity": "secretcity", "customerState": "secretstate", "customerZip": "secretzip",
+            "customerExternalId": "secretexternalid", "customerClientUserAgent": "secretuseragent",
+            "clickId": "fb.1.1.secretclickid", "browserId": "fb.1.1.secretbrowserid"}  # fmt: skip
+
+
+def test_errors_never_echo_customer_data(client, graph, sign):
+    """The mapping refuses each bad customer value by its path, and no raw value of any
+    customer field comes back in the answer."""
+    response = call(client, sign, funnel_parameters(**REFUSED, **ACCEPTED))
+    assert set(violations(response)) == {f"parameters.{name}" for name in REFUSED}
+    for value in [*REFUSED.values(), *ACCEPTED.values()]:
+        assert value not in response.text.lower()
+    assert graph.received == []
+
+
+def test_snake_case_errors_never_echo_customer_data(client, graph, sign):
+    raw = {"em": "secretperson-at-nowhere", "ph": "secretphone-42", "country": "secretlandia",
+           "client_ip_address": "secretaddress-1", "ge": "secretgender", "db": "secretbirthday",
+           "fn": "secretfirstname", "ln": "secretlastname", "ct": "secretcity", "st": "secretstate",
+           "zp": "secretzip", "external_id": "secretexternalid", "client_user_agent": "secretuseragent",
+           "fbc": "fb.1.1.secretclickid", "fbp": "fb.1.1.secretbrowserid"}  # fmt: skip
+    parameters = {"pixel_id": PIXEL, "event_name": "Lead", "event_time": int(NOW),
+                  "action_source": "chat", "user_data": {**raw, "ph": [raw["ph"]]}}  # fmt: skip
+    response = call(client, sign, parameters, tool="meta_send_conversion_event")
+    refused = {"em", "ph", "country", "client_ip_address", "ge", "db"}
+    assert set(violations(response)) == {f"parameters.user_data.{key}" for key in refused}
+    for value in raw.values():
+        assert value not in response.text.lower()
+    assert graph.received == []
 
 
 def test_unconnected_user_gets_integration_not_enabled(make_client, graph, sign, tmp_path: Path):
