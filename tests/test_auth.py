@@ -9,6 +9,7 @@ import pytest
 
 from server import auth
 from server.auth import VerifiedTokens
+from server.config import Project
 from server.errors import Unauthorized
 from tests.support import make_config
 
@@ -27,9 +28,14 @@ class Clock:
 
 
 def test_a_repeated_token_is_verified_once_until_its_exp_passes(project, sign, monkeypatch):
-    full_checks = []
+    full_checks: list[str] = []
     real_verify = auth._verify
-    monkeypatch.setattr(auth, "_verify", lambda *a: full_checks.append(1) or real_verify(*a))
+
+    def counted(token: str, project: Project, now: float) -> tuple[str, float]:
+        full_checks.append(token)
+        return real_verify(token, project, now)
+
+    monkeypatch.setattr(auth, "_verify", counted)
     clock = Clock()
     tokens = VerifiedTokens(clock=clock)
     token = sign(exp=int(clock.now) + 60)

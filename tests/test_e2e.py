@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,16 @@ def fake_graph() -> Iterator[WallClockGraph]:
         yield server
 
 
+@dataclass(frozen=True)
+class Served:
+    """The running `funnelgate serve`: a client for it and the file its output goes to."""
+
+    http: httpx.Client
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, keys, fake_graph) -> Iterator[dict[str, Any]]:
+def served(tmp_path_factory, keys, fake_graph) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("e2e")
     (root / "project.pub.pem").write_text(public_pem(keys["rsa"]))
     (root / "config.toml").write_text(
@@ -85,7 +94,7 @@ jwt_public_key_file = "project.pub.pem"
         try:
             _wait_ready(base, process)
             with httpx.Client(base_url=base, timeout=10) as http:
-                yield {"http": http, "log": log_path, "root": root}
+                yield Served(http, log_path)
         finally:
             process.terminate()
             process.wait(timeout=10)
@@ -116,10 +125,10 @@ def token(key: Any, *, project: str = PROJECT, **claims: Any) -> str:
     return sign_token(key, now=time.time(), ttl=600, **claims)
 
 
-def run(served, bearer: str | None, parameters: dict[str, Any], *, project: str = PROJECT,
+def run(served: Served, bearer: str | None, parameters: dict[str, Any], *, project: str = PROJECT,
         path: str = "tools", key: str = "tool") -> httpx.Response:  # fmt: skip
     headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-    return served["http"].post(
+    return served.http.post(
         f"/projects/{project}/{path}",
         json={key: "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": parameters},
         headers=headers,
@@ -274,7 +283,7 @@ def test_logs_hold_no_personal_data_tokens_or_jwts(served, graph, keys):
     assert run(served, user_token, live_parameters()).status_code == 400
     assert run(served, "garbage." + user_token[10:], live_parameters()).status_code == 401
     time.sleep(0.2)  # let the server flush its last lines
-    text = served["log"].read_text()
+    text = served.log.read_text()
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     assert any(line["event"] == "request" and line["status"] == 200 for line in lines)
     assert any(line["event"] == "graph_attempt" for line in lines)
