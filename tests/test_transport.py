@@ -1,5 +1,5 @@
 """The production Graph transport (aiohttp) over real loopback HTTP: answers, refused
-connections, timeouts, and a pool that survives a cancelled attempt."""
+connections, timeouts, a pool that survives a cancelled attempt, and the whole app on it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ import pytest
 
 from server.delivery.transport import AiohttpTransport, Answer, ConnectionFailed
 from tests.live import serving
-from tests.support import PIXEL, FakeGraph, free_port
+from tests.support import (
+    PIXEL,
+    PROJECT,
+    PROJECT_TOKEN,
+    TRACE_ID,
+    FakeGraph,
+    free_port,
+    funnel_parameters,
+    graph_error,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +81,26 @@ def test_pool_keeps_working_after_an_attempt_is_cancelled_by_its_timeout(graph):
     answer = asyncio.run(go())
     assert answer.status == 400  # the sandbox's rules answer the second, real request
     assert len(graph.received) == 2
+
+
+def test_the_app_delivers_through_the_production_transport(make_client, graph, sign):
+    """The whole app on aiohttp, as `funnelgate serve` builds it, to Graph on loopback: a
+    transient failure, then the same bytes again, and Meta's answer unwrapped."""
+    graph.reset()
+    graph.script.append(graph_error(503, 2, is_transient=True))
+    client = make_client(
+        graph_settings={"base_url": graph.base_url}, transport=AiohttpTransport(max_connections=4)
+    )
+    response = client.post(
+        f"/projects/{PROJECT}/tools",
+        json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": funnel_parameters()},
+        headers={"Authorization": f"Bearer {sign()}"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"events_received": 1, "messages": [], "fbtrace_id": TRACE_ID}
+    first, second = graph.received
+    assert first.body == second.body
+    assert (second.path, second.query) == (f"/v24.0/{PIXEL}/events", "")
+    assert second.headers["content-type"] == "application/json"
+    assert second.json()["access_token"] == PROJECT_TOKEN
+    assert graph.sandbox.accepted[-1]["body"]["data"] == second.json()["data"]
