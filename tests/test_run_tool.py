@@ -11,6 +11,7 @@ import httpx2
 import pytest
 from starlette.testclient import TestClient
 
+from server.delivery.transport import Answer
 from server.storage.credentials import CredentialStore
 from tests.support import (
     NOW,
@@ -368,3 +369,68 @@ def test_list_tools_and_health_answer_with_a_trailing_slash(client, sign):
     headers = {"Authorization": f"Bearer {sign()}"}
     assert client.get(URL + "/", headers=headers, follow_redirects=False).status_code == 200
     assert client.get("/healthz/", follow_redirects=False).status_code == 200
+
+
+# Graph answers decided by their HTTP status alone (policy.py's table, README's Delivery)
+
+
+def test_http_429_without_a_known_code_is_retried(client, graph, sign):
+    graph.script.append(Step(429, error={"message": "Too many calls", "type": "OAuthException"}))
+    response = call(client, sign, funnel_parameters())
+    assert response.status_code == 200
+    assert len(graph.received) == 2
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_http_401_and_403_without_a_known_code_are_upstream_auth(client, graph, sign, status):
+    graph.script.append(Step(status, error={"message": "Not allowed", "type": "OAuthException"}))
+    response = call(client, sign, funnel_parameters())
+    body = response.json()
+    assert (response.status_code, body["code"], body["retryable"]) == (502, "UPSTREAM_AUTH", False)
+    assert body["upstream"]["http_status"] == status
+    assert len(graph.received) == 1
+
+
+class BrokenTransport:
+    """A Graph transport with a bug: what reaches the caller is a JSON 500, nothing more."""
+
+    async def post(self, url: str, content: bytes) -> Answer:
+        raise RuntimeError(f"bug while sending {content!r}")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_bug_is_a_json_500_that_says_nothing_else(make_client, sign):
+    client = make_client(transport=BrokenTransport())
+    response = call(client, sign, funnel_parameters())
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"message": "Internal error.", "code": "INTERNAL_ERROR",
+                               "retryable": False}  # fmt: skip
+
+
+# Mapping details the README promises
+
+
+def test_ipv6_addresses_are_accepted_in_their_compressed_form(client, graph, sign):
+    parameters = funnel_parameters(
+        customerClientIpAddress=" 2001:0DB8:0000:0000:0000:0000:0000:0001 "
+    )
+    assert call(client, sign, parameters).status_code == 200
+    assert graph.bodies()[0]["data"][0]["user_data"]["client_ip_address"] == "2001:db8::1"
+    refused = funnel_parameters(customerClientIpAddress="2001:db8::g1")
+    assert "IP" in violations(call(client, sign, refused))["parameters.customerClientIpAddress"]
+
+
+def test_a_calls_test_event_code_wins_over_the_projects(make_client, graph, sign):
+    client = make_client(test_event_code="PROJECT1")
+    assert call(client, sign, funnel_parameters(testEventCode="CALL1")).status_code == 200
+    assert graph.bodies()[0]["test_event_code"] == "CALL1"
+
+
+def test_custom_data_text_is_trimmed_and_empty_text_dropped(client, graph, sign):
+    parameters = funnel_parameters(contentName="  Lettuce ", contentCategory="", orderId=" o-7 ")
+    assert call(client, sign, parameters).status_code == 200
+    assert graph.bodies()[0]["data"][0]["custom_data"] == {
+        "content_ids": ["ABC123", "XYZ789"], "content_name": "Lettuce", "order_id": "o-7"}  # fmt: skip

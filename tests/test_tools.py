@@ -308,3 +308,33 @@ def test_dry_run_still_validates(client, graph, sign):
         run(client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT", {}, query="?dry_run=maybe").status_code
         == 400
     )
+
+
+# Rules every snake_case tool shares
+
+
+def test_app_events_need_app_data(client, graph, sign):
+    event = raw_event(action_source="app")
+    del event["event_source_url"]
+    refused = run(client, sign, "meta_send_conversion_event", {"pixel_id": PIXEL, **event})
+    assert refused.json()["errors"] == [
+        {"path": "parameters.app_data", "message": "is required for app events"}
+    ]
+    assert graph.received == []
+    app_data = {"advertiser_tracking_enabled": 1, "extinfo": ["a2", "com.example.app"]}
+    accepted = run(client, sign, "meta_send_conversion_event",
+                   {"pixel_id": PIXEL, **event, "app_data": app_data})  # fmt: skip
+    assert accepted.status_code == 200, accepted.text
+    assert graph.bodies()[0]["data"][0]["app_data"] == app_data
+
+
+@pytest.mark.parametrize(
+    ("tool", "parameters"),
+    [("meta_send_conversion_event", {"pixel_id": PIXEL, **raw_event()}),
+     ("FACEBOOK_ADS_SEND_EVENTS", {"pixel_id": PIXEL, "events": [raw_event()]})],
+)  # fmt: skip
+def test_a_calls_test_event_code_wins_over_the_projects(make_client, graph, sign, tool, parameters):
+    client = make_client(test_event_code="PROJECT1")
+    assert run(client, sign, tool, parameters).status_code == 200
+    assert run(client, sign, tool, {**parameters, "test_event_code": "CALL1"}).status_code == 200
+    assert [body["test_event_code"] for body in graph.bodies()] == ["PROJECT1", "CALL1"]
