@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import socket
 import time
 from collections import deque
@@ -168,12 +169,11 @@ class Received:
 @dataclass(frozen=True)
 class Step:
     """One scripted answer. `delay` waits first; with no `status` the answer then comes from
-    Meta's rules, else it is `status` with Graph's `{"error": error}`, a `json` body or raw
-    `content` (in that order of preference)."""
+    Meta's rules, else it is `status` with Graph's `{"error": error}`, or with any `content`
+    (a proxy's HTML page, a truncated body, ...)."""
 
     status: int | None = None
     error: Mapping[str, Any] | None = None
-    json: Any = None
     content: bytes = b""
     delay: float = 0.0
 
@@ -187,7 +187,7 @@ def graph_error(status: int, code: int, **fields: Any) -> Step:
 
 def counter(prefix: str) -> Callable[[], str]:
     """Ids `prefix1`, `prefix2`, ... (e.g. one fbtrace_id per Graph request)."""
-    numbers = iter(range(1, 1 << 62))
+    numbers = itertools.count(1)
     return lambda: f"{prefix}{next(numbers)}"
 
 
@@ -228,8 +228,6 @@ class FakeGraph:
             if step.status is not None:
                 if step.error is not None:
                     return step.status, orjson.dumps({"error": step.error})
-                if step.json is not None:
-                    return step.status, orjson.dumps(step.json)
                 return step.status, step.content
         return self._by_the_rules(received)
 
@@ -256,7 +254,7 @@ class FakeGraph:
             body=await request.aread(),
         )
         status, content = await self.answer(received)
-        return httpx.Response(status, content=content, headers=_JSON)
+        return httpx.Response(status, content=content, headers={"content-type": "application/json"})
 
     def transport(self) -> GraphTransport:
         return HttpxTransport(httpx.MockTransport(self.handler))
@@ -285,15 +283,13 @@ class WallClockGraph(FakeGraph):
         super().__init__(clock=time.time)
 
 
-_JSON = {"content-type": "application/json"}
-
-
 class MakeClient(Protocol):
     """The `make_client` fixture: an entered TestClient on the real app, closed at teardown.
 
     `config` defaults to `make_config` with PROJECT_TOKEN as the project-wide token (keys in
-    `project` override or, with None, remove it); `graph` is the fake Graph wired in-process,
-    unless `transport` replaces it; `clock` is the app's (a number for a fixed time).
+    `project` override or, with None, remove it) and `graph_settings` as [graph] keys; `graph`
+    (default: the `graph` fixture) is wired in-process, unless `transport` replaces it (e.g.
+    aiohttp to the fake on loopback); `clock` is the app's (a number for a fixed time).
     """
 
     def __call__(
@@ -314,23 +310,9 @@ class LogCapture:
     def __init__(self) -> None:
         self.stream = io.StringIO()
 
-    def lines(self, client: TestClient | None = None) -> list[dict[str, Any]]:
-        """Every line so far. Lines wait for their event-loop turn: with `client`, that app's
-        loop is turned once first, so lines of requests it has answered are all in."""
-        if client is not None:
-            assert client.portal is not None, "the client must be entered"
-            client.portal.call(asyncio.sleep, 0)
+    def lines(self, client: TestClient) -> list[dict[str, Any]]:
+        """Every line so far. Lines wait for their event-loop turn, so `client`'s app loop is
+        turned once first: the lines of the requests it has answered are then all in."""
+        assert client.portal is not None, "the client must be entered"
+        client.portal.call(asyncio.sleep, 0)
         return [orjson.loads(line) for line in self.stream.getvalue().splitlines()]
-
-    def wait_for(
-        self, found: Callable[[dict[str, Any]], bool], timeout: float = 5.0
-    ) -> list[dict[str, Any]]:
-        """Every line, once one matches `found` (a server in another thread writes when its
-        loop turns); fails after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = self.lines()
-            if any(found(line) for line in lines):
-                return lines
-            assert time.monotonic() < deadline, f"no such log line in {lines}"
-            time.sleep(0.01)

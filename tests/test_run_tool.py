@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import httpx2
@@ -227,7 +228,8 @@ def test_unconnected_user_gets_integration_not_enabled(make_client, graph, sign,
     assert response.json()["message"] == "Integration not enabled for user."
     assert graph.received == []
 
-    CredentialStore(tmp_path / "funnelgate.db").set(PROJECT, "user-1", "EAAB-user-token")
+    with closing(CredentialStore(tmp_path / "funnelgate.db")) as store:  # as the CLI does
+        store.set(PROJECT, "user-1", "EAAB-user-token")
     assert call(client, sign, funnel_parameters()).status_code == 200
     assert graph.bodies()[0]["access_token"] == "EAAB-user-token"
 
@@ -235,7 +237,8 @@ def test_unconnected_user_gets_integration_not_enabled(make_client, graph, sign,
 def test_users_own_credential_wins_and_app_secret_adds_proof(
     make_client, graph, sign, tmp_path: Path
 ):
-    CredentialStore(tmp_path / "funnelgate.db").set(PROJECT, "user-1", "EAAB-user")
+    with closing(CredentialStore(tmp_path / "funnelgate.db")) as store:
+        store.set(PROJECT, "user-1", "EAAB-user")
     client = make_client(facebook_access_token="EAAB-project", facebook_app_secret="s3cret")
     assert call(client, sign, funnel_parameters()).status_code == 200
     body = graph.bodies()[0]
