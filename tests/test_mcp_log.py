@@ -37,5 +37,6 @@ def test_tools_call_logs_the_tool_name(client, graph, sign, log_capture):
     result = client.portal.call(call)
     assert not result.is_error, result.content
     assert json.loads(result.content[0].text)["events_received"] == 1
+    assert len(graph.received) == 1
     requests = [line for line in log_capture.lines(client) if line["event"] == "request"]
     assert [line["tool"] for line in requests if line["status"] == 200].count(TOOL) == 1
