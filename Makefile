@@ -23,7 +23,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check server tools tests bench
 	$(BIN)/ruff format --check server tools tests bench
-	$(BIN)/mypy --strict server tools
+	$(BIN)/mypy --strict server tools tests
 
 # Load comes from wrk (Debian's package) when it can be installed, else from a Python generator
 # that bench/e2e.py shows is not the bottleneck. BENCH_ARGS=--write BENCHMARKS.md records.

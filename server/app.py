@@ -214,6 +214,7 @@ class RequestLog:
             log("unhandled_error", logging.ERROR, error=type(exc).__name__)
             if not response_started:
                 status = 500
+                scope.setdefault("state", {})["error_code"] = InternalError.code
                 await error_response(InternalError())(scope, receive, send_and_watch)
         finally:
             state = scope.get("state", {})

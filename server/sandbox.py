@@ -43,14 +43,25 @@ class _Rejected(Exception):
         self.subcode = subcode
 
 
+def _random_trace_id() -> str:
+    return "sandbox-" + secrets.token_hex(6)
+
+
 class SandboxGraph:
-    def __init__(self, clock: Callable[[], float] = time.time, keep: int = 1000) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        keep: int = 1000,
+        *,
+        trace_id: Callable[[], str] = _random_trace_id,
+    ) -> None:
         self._clock = clock
+        self._trace_id = trace_id  # tests pin it to compare whole answers
         self.accepted: deque[dict[str, Any]] = deque(maxlen=keep)
 
     def handle(self, api_version: str, pixel_id: str, body: Any) -> tuple[int, dict[str, Any]]:
         """Meta's status and JSON answer for one POST to /{api_version}/{pixel_id}/events."""
-        fbtrace_id = "sandbox-" + secrets.token_hex(6)
+        fbtrace_id = self._trace_id()
         try:
             events = self._check(pixel_id, body)
         except _Rejected as exc:

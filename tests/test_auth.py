@@ -1,4 +1,5 @@
-"""The verified-token cache keeps every property of full verification."""
+"""User tokens: the claims the README documents, ES256 as well as RS256, and a verified-token
+cache that keeps every property of full verification."""
 
 from __future__ import annotations
 
@@ -6,16 +7,39 @@ import time
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from server import auth
-from server.auth import VerifiedTokens
+from server.auth import LEEWAY_SECONDS, VerifiedTokens
+from server.config import Project
 from server.errors import Unauthorized
-from tests.conftest import make_config
+from tests.support import (
+    NOW,
+    PROJECT,
+    PROJECT_TOKEN,
+    funnel_parameters,
+    make_config,
+    sign_token,
+)
 
 
 @pytest.fixture
-def project(tmp_path, rsa_key):
-    return next(iter(make_config(tmp_path, rsa_key).projects.values()))
+def project(tmp_path, rsa_key) -> Project:
+    return make_config(tmp_path, rsa_key).projects[PROJECT]
+
+
+@pytest.fixture
+def full_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens that went through full verification (the cache let them by otherwise)."""
+    checked: list[str] = []
+    real_verify = auth._verify
+
+    def counted(token: str, project: Project, now: float) -> tuple[str, float]:
+        checked.append(token)
+        return real_verify(token, project, now)
+
+    monkeypatch.setattr(auth, "_verify", counted)
+    return checked
 
 
 class Clock:
@@ -26,10 +50,7 @@ class Clock:
         return self.now
 
 
-def test_a_repeated_token_is_verified_once_until_its_exp_passes(project, sign, monkeypatch):
-    full_checks = []
-    real_verify = auth._verify
-    monkeypatch.setattr(auth, "_verify", lambda *a: full_checks.append(1) or real_verify(*a))
+def test_a_repeated_token_is_verified_once_until_its_exp_passes(project, sign, full_checks):
     clock = Clock()
     tokens = VerifiedTokens(clock=clock)
     token = sign(exp=int(clock.now) + 60)
@@ -66,3 +87,63 @@ def test_failures_are_not_remembered_and_the_cache_is_bounded(project, sign):
     issued = [sign(sub=f"user-{i}") for i in range(5)]
     assert [tokens.verify(t, project) for t in issued] == [f"user-{i}" for i in range(5)]
     assert len(tokens._entries) == 3
+
+
+def test_the_cache_vouches_for_a_token_through_the_leeway_after_its_exp(project, sign, full_checks):
+    clock = Clock()
+    tokens = VerifiedTokens(clock=clock)
+    token = sign(exp=int(clock.now) + 60)
+    tokens.verify(token, project)
+    clock.now += 60 + LEEWAY_SECONDS - 1  # expired, but within the 30 s clock leeway
+    assert tokens.verify(token, project) == "user-1"
+    assert len(full_checks) == 1
+
+
+@pytest.mark.parametrize(
+    ("claims", "accepted"),
+    [({"exp": int(NOW) - 29}, True), ({"exp": int(NOW) - 31}, False),
+     ({"iat": int(NOW) + 29}, True), ({"iat": int(NOW) + 31}, False),
+     ({"nbf": int(NOW) + 29}, True), ({"nbf": int(NOW) + 31}, False)],
+)  # fmt: skip
+def test_times_are_checked_with_30_seconds_of_leeway(project, sign, claims, accepted):
+    token = sign(**{"iat": int(NOW) - 60, **claims})
+    tokens = VerifiedTokens(clock=lambda: NOW)
+    if accepted:
+        assert tokens.verify(token, project) == "user-1"
+    else:
+        with pytest.raises(Unauthorized):
+            tokens.verify(token, project)
+
+
+@pytest.mark.parametrize(
+    ("aud", "accepted"),
+    [(f"useparagon.com/{PROJECT}", True),
+     (["useparagon.com/another", f"useparagon.com/{PROJECT}"], True),
+     (["useparagon.com/another"], False), ("useparagon.com/another", False), ([], False),
+     (f"useparagon.com/{PROJECT}/x", False)],
+)  # fmt: skip
+def test_audience_one_value_or_a_list_must_name_the_project(project, sign, aud, accepted):
+    tokens = VerifiedTokens(clock=lambda: NOW)
+    if accepted:
+        assert tokens.verify(sign(aud=aud), project) == "user-1"
+    else:
+        with pytest.raises(Unauthorized, match="audience"):
+            tokens.verify(sign(aud=aud), project)
+
+
+def test_a_p256_project_takes_es256_tokens_and_nothing_else(tmp_path, rsa_key, make_client):
+    key = ec.generate_private_key(ec.SECP256R1())
+    config = make_config(tmp_path, key, facebook_access_token=PROJECT_TOKEN)
+    tokens = VerifiedTokens(clock=lambda: NOW)
+    assert tokens.verify(sign_token(key), config.projects[PROJECT]) == "user-1"
+    with pytest.raises(Unauthorized):
+        tokens.verify(sign_token(rsa_key), config.projects[PROJECT])  # RS256
+    with pytest.raises(Unauthorized):
+        tokens.verify(sign_token(ec.generate_private_key(ec.SECP256R1())), config.projects[PROJECT])
+
+    response = make_client(config).post(
+        f"/projects/{PROJECT}/tools",
+        json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": funnel_parameters()},
+        headers={"Authorization": f"Bearer {sign_token(key)}"},
+    )
+    assert response.status_code == 200, response.text

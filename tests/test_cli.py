@@ -16,10 +16,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.storage.crypto import add_secret_key, new_secret_key
-from tests.conftest import funnel_parameters, private_pem, public_pem
-from tests.fakegraph import FakeGraphServer
 from tests.live import serving
-from tests.test_e2e import free_port
+from tests.support import WallClockGraph as FakeGraphServer
+from tests.support import free_port, funnel_parameters, private_pem, public_pem
 
 FUNNELGATE = str(Path(sys.executable).parent / "funnelgate")
 
@@ -201,7 +200,7 @@ def test_init_creates_keys_and_a_starter_config_that_serves_and_never_overwrites
     assert result.returncode == 0, result.stderr
     config = root / "config.toml"
     text = config.read_text()
-    project_id = re.search(r'^id = "([0-9a-f-]{36})"$', text, re.M).group(1)
+    project_id = _found(r'^id = "([0-9a-f-]{36})"$', text, re.M)
     assert project_id in result.stdout and "funnelgate serve --config" in result.stdout
     assert "sandbox = true" not in text.replace("# sandbox = true", "")
     assert (mode(root / "keys/project.pem"), mode(root / "secret.key"), mode(config)) == (
@@ -415,7 +414,7 @@ def test_tokens_are_encrypted_in_every_file_and_rotate_while_serving(project_dir
             # re-encrypted, and the server follows without a restart.
             added = funnelgate("credentials", "new-key", "--config", str(config))
             assert added.returncode == 0, added.stderr
-            new_id = re.search(r"added secret key ([0-9a-f]{16}) first", added.stdout).group(1)
+            new_id = _found(r"added secret key ([0-9a-f]{16}) first", added.stdout)
             rotated = funnelgate("credentials", "rotate-key", "--config", str(config))
             assert rotated.returncode == 0, rotated.stderr
             assert (
@@ -446,7 +445,7 @@ def test_serve_refuses_to_start_without_the_key_that_sealed_the_tokens(project_d
     assert funnelgate("credentials", "set", "--config", str(config), "--project", "p1", "--user", "u1",
                       "--access-token-file", "-", stdin="EAAB-sealed").returncode == 0  # fmt: skip
     listed = funnelgate("credentials", "list", "--config", str(config)).stdout
-    sealed_by = re.search(r"key ([0-9a-f]{16})$", listed, re.M).group(1)
+    sealed_by = _found(r"key ([0-9a-f]{16})$", listed, re.M)
     wrong_key = new_secret_key()
 
     wrong = funnelgate("serve", "--config", str(config), "--port", str(free_port()),
@@ -499,3 +498,9 @@ def test_the_app_leaves_the_collector_alone(config):
     gc.unfreeze()
     with TestClient(create_app(config)):
         assert gc.get_freeze_count() == 0
+
+
+def _found(pattern: str, text: str, flags: int = 0) -> str:
+    match = re.search(pattern, text, flags)
+    assert match is not None, pattern
+    return match.group(1)

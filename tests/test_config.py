@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from server.config import ServerSettings, load_config, parse_config
 from server.errors import ConfigError
 from server.storage.crypto import add_secret_key, new_secret_key, parse_secret_keys
-from tests.conftest import public_pem
+from tests.support import public_pem
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NOW, PIXEL, PROJECT, funnel_parameters
+from tests.support import NOW, PIXEL, PROJECT, funnel_parameters
 from tools import funnel_event
 from tools.base import BuildContext, EventBatch, InvalidEvent, Violation
 from tools.capi import build_user_data, map_raw_event, pixel_violations, prefixed

@@ -8,22 +8,28 @@ import hashlib
 import hmac
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import PIXEL, funnel_parameters, public_pem
-from tests.fakegraph import FakeGraphServer
 from tests.live import serving
+from tests.support import (
+    PIXEL,
+    WallClockGraph,
+    free_port,
+    funnel_parameters,
+    public_pem,
+    rsa_private_key,
+    sign_token,
+)
 
 PROJECT = "e2e-project"
 UNCONNECTED = "e2e-unconnected"
@@ -33,30 +39,29 @@ PII = ["Joe.Smith@Example.COM", "joe.smith@example.com", "Smith", "San Francisco
 FUNNELGATE = Path(sys.executable).parent / "funnelgate"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def keys() -> dict[str, Any]:
-    return {
-        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        "other": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-    }
+    return {"rsa": rsa_private_key(), "other": rsa_private_key()}
 
 
 @pytest.fixture(scope="module")
-def fake_graph() -> Iterator[FakeGraphServer]:
-    server = FakeGraphServer()
+def fake_graph() -> Iterator[WallClockGraph]:
+    server = WallClockGraph()
     with serving(server.app(), lifespan="off") as base_url:
         server.base_url = base_url
         yield server
 
 
+@dataclass(frozen=True)
+class Served:
+    """The running `funnelgate serve`: a client for it and the file its output goes to."""
+
+    http: httpx.Client
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, keys, fake_graph) -> Iterator[dict[str, Any]]:
+def served(tmp_path_factory, keys, fake_graph) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("e2e")
     (root / "project.pub.pem").write_text(public_pem(keys["rsa"]))
     (root / "config.toml").write_text(
@@ -89,7 +94,7 @@ jwt_public_key_file = "project.pub.pem"
         try:
             _wait_ready(base, process)
             with httpx.Client(base_url=base, timeout=10) as http:
-                yield {"http": http, "log": log_path, "root": root}
+                yield Served(http, log_path)
         finally:
             process.terminate()
             process.wait(timeout=10)
@@ -109,27 +114,21 @@ def _wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def graph(fake_graph: FakeGraphServer) -> FakeGraphServer:
+def graph(fake_graph: WallClockGraph) -> WallClockGraph:
     fake_graph.reset()
     return fake_graph
 
 
-def token(key: Any, *, project: str = PROJECT, algorithm: str = "RS256", **claims: Any) -> str:
-    now = int(time.time())
-    payload = {
-        "sub": "user-1",
-        "iat": now,
-        "exp": now + 600,
-        "aud": f"useparagon.com/{project}",
-        **claims,
-    }
-    return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm=algorithm)
+def token(key: Any, *, project: str = PROJECT, **claims: Any) -> str:
+    """A token valid now for `project`, with its audience."""
+    claims = {"aud": f"useparagon.com/{project}", **claims}
+    return sign_token(key, now=time.time(), ttl=600, **claims)
 
 
-def run(served, bearer: str | None, parameters: dict[str, Any], *, project: str = PROJECT,
+def run(served: Served, bearer: str | None, parameters: dict[str, Any], *, project: str = PROJECT,
         path: str = "tools", key: str = "tool") -> httpx.Response:  # fmt: skip
     headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-    return served["http"].post(
+    return served.http.post(
         f"/projects/{project}/{path}",
         json={key: "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": parameters},
         headers=headers,
@@ -198,7 +197,7 @@ def _hs256_with_public_key(keys: dict[str, Any]) -> str:
         pytest.param(lambda k: token(k["rsa"], aud="useparagon.com/another"), id="wrong-audience"),
         pytest.param(lambda k: token(k["rsa"], pad="x" * 9000), id="oversized"),
         pytest.param(
-            lambda k: token(ec.generate_private_key(ec.SECP256R1()), algorithm="ES256"),
+            lambda k: token(ec.generate_private_key(ec.SECP256R1())),
             id="es256-for-rsa-project",
         ),
     ],
@@ -284,7 +283,7 @@ def test_logs_hold_no_personal_data_tokens_or_jwts(served, graph, keys):
     assert run(served, user_token, live_parameters()).status_code == 400
     assert run(served, "garbage." + user_token[10:], live_parameters()).status_code == 401
     time.sleep(0.2)  # let the server flush its last lines
-    text = served["log"].read_text()
+    text = served.log.read_text()
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     assert any(line["event"] == "request" and line["status"] == 200 for line in lines)
     assert any(line["event"] == "graph_attempt" for line in lines)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import NOW, PIXEL, PROJECT, funnel_parameters, graph_error
+from tests.support import NOW, PIXEL, PROJECT, funnel_parameters, graph_error
 
 URL = f"/projects/{PROJECT}/tools"
 
 
-def snake_event() -> dict:
+def snake_event() -> dict[str, object]:
     return {"pixel_id": PIXEL, "event_name": "Purchase", "event_time": int(NOW) - 60,
             "action_source": "website", "event_source_url": "https://shop.example.com/",
             "user_data": {"em": "joe@example.com", "client_user_agent": "UA/1.0"}}  # fmt: skip
@@ -37,7 +37,7 @@ def test_401_on_mcp_asks_for_a_bearer_token(client):
 
 
 def test_an_unavailable_graph_answer_carries_retry_after(client, graph, sign):
-    graph.script = [graph_error(500, 2, is_transient=True)] * 200
+    graph.script.extend([graph_error(500, 2, is_transient=True)] * 200)
     response = client.post(URL, json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
                                       "parameters": funnel_parameters()},
                            headers={"Authorization": f"Bearer {sign()}"})  # fmt: skip

@@ -68,7 +68,7 @@ def test_a_shared_request_that_fails_unexpectedly_is_resent_one_call_at_a_time()
         coalescer = Coalescer(graph)
         try:
             sends = (coalescer.send(delivery(i), project_id="p1") for i in ("a", "b", "c"))
-            return await asyncio.gather(*sends, return_exceptions=True)
+            return list(await asyncio.gather(*sends, return_exceptions=True))
         finally:
             await graph.aclose()
 

@@ -11,7 +11,7 @@ import jsonschema_rs
 import pytest
 
 from server.validation import ParameterValidator, ecma_pattern
-from tests.conftest import PIXEL, PROJECT, funnel_parameters
+from tests.support import PIXEL, PROJECT, funnel_parameters
 from tools.catalog import OPENAPI_PATH, load_catalog
 from tools.limits import MAX_DEPTH
 
@@ -76,7 +76,7 @@ def test_a_long_value_is_refused_by_its_length_before_any_check_runs(client, gra
         "path": "parameters.customerEmail",
         "message": "must be at most 254 characters",
     }
-    assert graph.requests == []
+    assert graph.received == []
 
 
 @pytest.mark.parametrize("where", ["contents", "app_data", "custom_data"])
@@ -94,7 +94,7 @@ def test_deep_nesting_is_refused_with_its_path(client, graph, sign, where):
     [error] = body["errors"]
     assert error["path"].startswith(prefix)
     assert error["message"] == f"nests deeper than {MAX_DEPTH} levels"
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_nesting_up_to_the_limit_is_accepted(client, graph, sign):
@@ -124,7 +124,7 @@ def test_an_out_of_range_integer_is_refused(client, graph, sign):
     response = run(client, sign, funnel_parameters(numItems=2**70))
     assert response.status_code == 400
     assert response.json()["errors"][0]["path"] == "parameters.numItems"
-    assert graph.requests == []
+    assert graph.received == []
 
 
 @pytest.mark.parametrize("tool", ["meta_send_conversion_event", "FACEBOOK_ADS_SEND_EVENTS"])
@@ -143,7 +143,7 @@ def test_a_pixel_id_with_a_final_newline_is_refused(client, graph, sign, tool):
     assert response.json()["errors"] == [
         {"path": "parameters.pixel_id", "message": "must match the pattern ^[0-9]{1,32}$"}
     ]
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def patterns(node: Any) -> set[str]:

@@ -87,6 +87,8 @@ def test_a_slow_reader_of_stderr_never_slows_the_server():
             server.kill()
             server.wait(10)
         reader.join(10)
+        server.stdout.close()
+        server.stderr.close()
     # uvicorn stops on SIGTERM, then dies of it: the handler wrote every line first
     assert server.returncode == -signal.SIGTERM, reader.data[-2000:]
     latencies.sort()

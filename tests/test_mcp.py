@@ -28,9 +28,9 @@ from mcp.shared.exceptions import MCPError
 from server import logs
 from server.app import create_app
 from server.delivery.transport import Answer
-from tests.conftest import PIXEL, PROJECT, funnel_parameters, make_config
-from tests.fakegraph import FakeGraphServer
 from tests.live import serving
+from tests.support import PIXEL, PROJECT, TRACE_ID, funnel_parameters, make_config
+from tests.support import WallClockGraph as FakeGraphServer
 from tools.catalog import load_openapi
 
 OTHER_PROJECT = "project-without-token"
@@ -86,7 +86,9 @@ def log_stream() -> Iterator[io.StringIO]:
     logs._sink.stream = None  # back to silent, as for every other test
 
 
-def request_lines(out: io.StringIO, count: int, *, tools_only: bool = False) -> list[dict]:
+def request_lines(
+    out: io.StringIO, count: int, *, tools_only: bool = False
+) -> list[dict[str, Any]]:
     """LOG_PROJECT's request log lines (those naming a tool, if asked), once `count` are there:
     the server logs after answering, so the client can be done first (the wait is bounded)."""
     deadline = time.monotonic() + 5
@@ -532,7 +534,7 @@ def test_the_request_log_names_the_endpoint_the_tool_and_the_outcome(
         ("meta_send_conversion_event", "INVALID_PARAMETERS"),
         ("NO_SUCH_XXXXXXXXXXXXXXXXXX", "UNKNOWN_TOOL"),
     ]
-    assert calls[0]["fbtrace_id"].startswith("sandbox-")
+    assert calls[0]["fbtrace_id"] == TRACE_ID  # the fake Graph's answer, as Meta's would be
     assert len(calls[2]["tool"]) <= 200
 
 

@@ -14,8 +14,8 @@ from openapi_spec_validator import validate
 
 from server.app import create_app
 from server.delivery.transport import HttpxTransport
-from tests.conftest import NOW, PROJECT, FakeGraph, funnel_parameters
 from tests.live import serving
+from tests.support import NOW, PROJECT, FakeGraph, funnel_parameters
 from tools.catalog import OPENAPI_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +70,10 @@ def test_a_generated_client_runs_a_tool(tmp_path, config, sign):
             graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
             clock=lambda: NOW,
         )
-        with serving(app) as base_url:
-            client = fgclient.AuthenticatedClient(base_url=base_url, token=sign())
+        with (
+            serving(app) as base_url,
+            fgclient.AuthenticatedClient(base_url=base_url, token=sign()) as client,
+        ):
             body = models.RunToolRequest.from_dict(
                 {"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": funnel_parameters()}
             )

@@ -4,12 +4,13 @@ Retry-After; health checks are never refused; calls already in progress finish."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import httpx
 
 from server.app import create_app
 from server.delivery.transport import HttpxTransport
-from tests.conftest import NOW, PROJECT, funnel_parameters
+from tests.support import NOW, PROJECT, funnel_parameters
 
 
 def test_calls_past_the_cap_are_refused_with_503_and_retry_after(config, sign):
@@ -26,12 +27,12 @@ def test_calls_past_the_cap_are_refused_with_503_and_retry_after(config, sign):
                      clock=lambda: NOW, max_in_flight=2)  # fmt: skip
     headers = {"Authorization": f"Bearer {sign()}"}
 
-    def post(client: httpx.AsyncClient, n: int):
+    def post(client: httpx.AsyncClient, n: int) -> Awaitable[httpx.Response]:
         body = {"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
                 "parameters": funnel_parameters(eventId=f"order-{n}")}  # fmt: skip
         return client.post(f"/projects/{PROJECT}/tools", json=body, headers=headers)
 
-    async def go():
+    async def go() -> tuple[httpx.Response, httpx.Response, list[httpx.Response]]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://fg") as client:

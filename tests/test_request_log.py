@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from server import logs
-from tests.conftest import PROJECT, funnel_parameters, graph_error
+from tests.support import PROJECT, TRACE_ID, funnel_parameters, graph_error
 
 URL = f"/projects/{PROJECT}/tools"
 TOOL = "FACEBOOK_ADS_SEND_FUNNEL_EVENT"
@@ -63,7 +63,7 @@ def test_the_request_line_level_follows_the_status(client, graph, sign, log_stre
     auth = {"Authorization": f"Bearer {sign()}"}
     assert client.get("/healthz").status_code == 200
     assert client.post(URL, json={"tool": TOOL, "parameters": {}}).status_code == 401
-    graph.script = [graph_error(500, 2, is_transient=True)] * 200
+    graph.script.extend([graph_error(500, 2, is_transient=True)] * 200)
     response = client.post(
         URL, json={"tool": TOOL, "parameters": funnel_parameters()}, headers=auth
     )
@@ -81,3 +81,33 @@ def test_a_huge_tool_name_makes_a_short_line(client, sign, log_stream):
     [line] = [line for line in logged(log_stream) if line["event"] == "request"]
     assert line["tool"].startswith("x" * 200) and line["tool"].endswith("chars)")
     assert max(len(raw) for raw in log_stream.getvalue().splitlines()) < 1000
+
+
+FIELDS = ("method", "endpoint", "project", "tool", "status", "code", "fbtrace_id")
+
+
+def requests_logged(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: line[k] for k in FIELDS} for line in lines if line["event"] == "request"]
+
+
+def test_each_request_logs_its_outcome_and_error_code(client, sign, log_capture):
+    headers = {"Authorization": f"Bearer {sign()}"}
+    body = {"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": funnel_parameters()}
+    assert client.post(URL, json=body, headers=headers).status_code == 200
+    body["parameters"] = funnel_parameters(customerEmail="joe-at-example")
+    assert client.post(URL, json=body, headers=headers).status_code == 400
+    assert client.post(URL, json=body).status_code == 401
+    assert client.get("/nowhere").status_code == 404
+
+    lines = log_capture.lines(client)
+    run = {"method": "POST", "endpoint": "run_tool", "project": PROJECT}
+    assert requests_logged(lines) == [
+        {**run, "tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "status": 200, "code": None,
+         "fbtrace_id": TRACE_ID},
+        {**run, "tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "status": 400,
+         "code": "INVALID_PARAMETERS", "fbtrace_id": None},
+        {**run, "tool": None, "status": 401, "code": "UNAUTHORIZED", "fbtrace_id": None},
+        {"method": "GET", "endpoint": None, "project": None, "tool": None, "status": 404,
+         "code": "NOT_FOUND", "fbtrace_id": None},
+    ]  # fmt: skip
+    assert "joe-at-example" not in log_capture.stream.getvalue()

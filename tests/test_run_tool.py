@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.testclient import TestClient
 
-from server.app import create_app
-from server.delivery.transport import HttpxTransport
+from server.delivery.transport import Answer
 from server.storage.credentials import open_credentials
-from tests.conftest import (
+from tests.support import (
     NOW,
     PIXEL,
     PROJECT,
-    FakeGraph,
+    Step,
     funnel_parameters,
     graph_error,
-    make_config,
 )
 
 URL = f"/projects/{PROJECT}/tools"
@@ -33,7 +31,7 @@ def sha(value: str) -> str:
 
 
 def call(client: TestClient, sign: Callable[..., str], parameters: object, *, path: str = URL,
-         key: str = "tool", tool: str = "FACEBOOK_ADS_SEND_FUNNEL_EVENT") -> httpx.Response:  # fmt: skip
+         key: str = "tool", tool: str = "FACEBOOK_ADS_SEND_FUNNEL_EVENT") -> httpx2.Response:  # fmt: skip
     return client.post(
         path,
         json={key: tool, "parameters": parameters},
@@ -46,9 +44,9 @@ def test_success_sends_exactly_the_mapped_event_and_unwraps_metas_answer(client,
 
     assert response.status_code == 200
     assert response.json() == {"events_received": 1, "messages": [], "fbtrace_id": "AbC123"}
-    [request] = graph.requests
-    assert str(request.url) == f"https://graph.example.test/v24.0/{PIXEL}/events"
-    assert request.url.query == b""  # the token never travels in the URL
+    [request] = graph.received
+    assert request.url == f"https://graph.example.test/v24.0/{PIXEL}/events"
+    assert request.query == ""  # the token never travels in the URL
     assert request.headers["content-type"] == "application/json"
     assert graph.bodies()[0] == {
         "data": [
@@ -112,7 +110,7 @@ def test_already_hashed_values_pass_through_and_empty_strings_are_dropped(client
     assert "fn" not in user_data and "ct" not in user_data
 
 
-def violations(response: httpx.Response) -> dict[str, str]:
+def violations(response: httpx2.Response) -> dict[str, str]:
     assert response.status_code == 400, response.text
     body = response.json()
     assert body["code"] == "INVALID_PARAMETERS" and body["retryable"] is False
@@ -129,7 +127,7 @@ def test_schema_violations_are_all_reported_and_nothing_is_sent(client, graph, s
         "parameters.eventTime": "must be of type string",
         "parameters.customerEmial": "is not a parameter of FACEBOOK_ADS_SEND_FUNNEL_EVENT",
     }
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_parameters_must_be_an_object(client, graph, sign):
@@ -166,7 +164,7 @@ def test_what_meta_would_reject_is_refused_with_the_field_path(
 ):
     found = violations(call(client, sign, funnel_parameters(**overrides)))
     assert fragment in found[path]
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_event_needs_a_customer_identifier(client, graph, sign):
@@ -175,83 +173,98 @@ def test_event_needs_a_customer_identifier(client, graph, sign):
         "at least one customer identifier"
         in violations(call(client, sign, parameters))["parameters"]
     )
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_baseline_matching_rule_refuses_location_only_customers(client, graph, sign):
     parameters = {"pixel": PIXEL, "eventName": "Lead", "actionSource": "chat",
                   "customerCity": "Paris", "customerCountryCode": "FR"}  # fmt: skip
     assert "baseline matching" in violations(call(client, sign, parameters))["parameters"]
-    assert graph.requests == []
+    assert graph.received == []
 
 
-def test_errors_never_echo_customer_data(client, sign):
-    response = call(
-        client, sign, funnel_parameters(customerEmail="secret-person-at-nowhere", eventTime=7)
-    )
+# Raw values the mapping refuses though the schema takes them (strings, right names).
+REFUSED = {"customerEmail": "secretperson-at-nowhere", "customerPhone": "secretphone-42",
+           "customerCountryCode": "secretlandia", "customerClientIpAddress": "secretaddress-1",
+           "customerGender": "secretgender", "customerDateOfBirth": "secretbirthday"}  # fmt: skip
+# Every other customer field, with raw values just as recognisable, that the mapping takes.
+ACCEPTED = {"customerFirstName": "secretfirstname", "customerLastName": "secretlastname",
+            "customerCity": "secretcity", "customerState": "secretstate", "customerZip": "secretzip",
+            "customerExternalId": "secretexternalid", "customerClientUserAgent": "secretuseragent",
+            "clickId": "fb.1.1.secretclickid", "browserId": "fb.1.1.secretbrowserid"}  # fmt: skip
+
+
+def test_errors_never_echo_customer_data(client, graph, sign):
+    """The mapping refuses each bad customer value by its path, and no raw value of any
+    customer field comes back in the answer."""
+    response = call(client, sign, funnel_parameters(**REFUSED, **ACCEPTED))
+    assert set(violations(response)) == {f"parameters.{name}" for name in REFUSED}
+    for value in [*REFUSED.values(), *ACCEPTED.values()]:
+        assert value not in response.text.lower()
+    assert graph.received == []
+
+
+def test_snake_case_errors_never_echo_customer_data(client, graph, sign):
+    raw = {"em": "secretperson-at-nowhere", "ph": "secretphone-42", "country": "secretlandia",
+           "client_ip_address": "secretaddress-1", "ge": "secretgender", "db": "secretbirthday",
+           "fn": "secretfirstname", "ln": "secretlastname", "ct": "secretcity", "st": "secretstate",
+           "zp": "secretzip", "external_id": "secretexternalid", "client_user_agent": "secretuseragent",
+           "fbc": "fb.1.1.secretclickid", "fbp": "fb.1.1.secretbrowserid"}  # fmt: skip
+    parameters = {"pixel_id": PIXEL, "event_name": "Lead", "event_time": int(NOW),
+                  "action_source": "chat", "user_data": {**raw, "ph": [raw["ph"]]}}  # fmt: skip
+    response = call(client, sign, parameters, tool="meta_send_conversion_event")
+    refused = {"em", "ph[0]", "country", "client_ip_address", "ge", "db"}  # list items by index
+    assert set(violations(response)) == {f"parameters.user_data.{key}" for key in refused}
+    for value in raw.values():
+        assert value not in response.text.lower()
+    assert graph.received == []
+
+
+def test_unconnected_user_gets_integration_not_enabled(make_client, graph, sign, tmp_path: Path):
+    client = make_client(facebook_access_token=None)
+    response = call(client, sign, funnel_parameters())
     assert response.status_code == 400
-    assert "secret-person" not in response.text
+    assert response.json()["code"] == "INTEGRATION_NOT_ENABLED"
+    assert response.json()["message"] == "Integration not enabled for user."
+    assert graph.received == []
 
-
-def test_unconnected_user_gets_integration_not_enabled(
-    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph, sign
-):
-    config = make_config(tmp_path, rsa_key)  # no project-wide token
-    app = create_app(
-        config,
-        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-        clock=lambda: NOW,
-    )
-    with TestClient(app) as client:
-        response = call(client, sign, funnel_parameters())
-        assert response.status_code == 400
-        assert response.json()["code"] == "INTEGRATION_NOT_ENABLED"
-        assert response.json()["message"] == "Integration not enabled for user."
-        assert graph.requests == []
-
-        open_credentials(config.storage).set(PROJECT, "user-1", "EAAB-user-token")
-        assert call(client, sign, funnel_parameters()).status_code == 200
-        assert graph.bodies()[0]["access_token"] == "EAAB-user-token"
+    with closing(open_credentials(client.app.state.config.storage)) as store:  # as the CLI does
+        store.set(PROJECT, "user-1", "EAAB-user-token")
+    assert call(client, sign, funnel_parameters()).status_code == 200
+    assert graph.bodies()[0]["access_token"] == "EAAB-user-token"
 
 
 def test_users_own_credential_wins_and_app_secret_adds_proof(
-    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph, sign
+    make_client, graph, sign, tmp_path: Path
 ):
-    config = make_config(
-        tmp_path, rsa_key, facebook_access_token="EAAB-project", facebook_app_secret="s3cret"
-    )
-    open_credentials(config.storage).set(PROJECT, "user-1", "EAAB-user")
-    app = create_app(
-        config,
-        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-        clock=lambda: NOW,
-    )
-    with TestClient(app) as client:
-        assert call(client, sign, funnel_parameters()).status_code == 200
+    client = make_client(facebook_access_token="EAAB-project", facebook_app_secret="s3cret")
+    with closing(open_credentials(client.app.state.config.storage)) as store:
+        store.set(PROJECT, "user-1", "EAAB-user")
+    assert call(client, sign, funnel_parameters()).status_code == 200
     body = graph.bodies()[0]
     assert body["access_token"] == "EAAB-user"
     assert body["appsecret_proof"] == hmac.new(b"s3cret", b"EAAB-user", hashlib.sha256).hexdigest()
 
 
 def test_transient_error_is_retried_with_the_same_event_id(client, graph, sign):
-    graph.script = [graph_error(500, 2, is_transient=True)]
+    graph.script.append(graph_error(500, 2, is_transient=True))
     response = call(client, sign, funnel_parameters(eventId=None))
     assert response.status_code == 200
-    first, second = graph.requests
-    assert first.content == second.content  # same bytes, so the same generated event_id
+    first, second = graph.received
+    assert first.body == second.body  # same bytes, so the same generated event_id
 
 
 @pytest.mark.parametrize("code", [1, 2, 4, 17, 341, 368, 613])
 def test_transient_codes_are_retried(client, graph, sign, code):
-    graph.script = [graph_error(400, code)]
+    graph.script.append(graph_error(400, code))
     assert call(client, sign, funnel_parameters()).status_code == 200
-    assert len(graph.requests) == 2
+    assert len(graph.received) == 2
 
 
 def test_permanent_rejection_is_not_retried_and_carries_metas_details(client, graph, sign):
-    graph.script = [
+    graph.script.append(
         graph_error(400, 100, error_subcode=2804050, error_user_msg="Insufficient info")
-    ]
+    )
     response = call(client, sign, funnel_parameters())
     assert response.status_code == 400
     body = response.json()
@@ -262,53 +275,36 @@ def test_permanent_rejection_is_not_retried_and_carries_metas_details(client, gr
         "error_subcode": 2804050, "error_user_msg": "Insufficient info",
         "fbtrace_id": "ErrTrace", "http_status": 400, "attempts": 1,
     }  # fmt: skip
-    assert len(graph.requests) == 1
+    assert len(graph.received) == 1
 
 
 @pytest.mark.parametrize("code", [190, 102, 10, 200, 294, 3])
 def test_token_and_permission_errors_are_upstream_auth(client, graph, sign, code):
-    graph.script = [graph_error(400, code)]
+    graph.script.append(graph_error(400, code))
     response = call(client, sign, funnel_parameters())
     assert (response.status_code, response.json()["code"]) == (502, "UPSTREAM_AUTH")
-    assert len(graph.requests) == 1
+    assert len(graph.received) == 1
 
 
-def test_giving_up_on_5xx_is_502_unavailable_and_retryable(tmp_path, rsa_key, sign):
-    config = make_config(tmp_path, rsa_key, facebook_access_token="t")
-    graph = FakeGraph(script=[lambda _r: httpx.Response(503, text="<html>busy</html>")] * 100)
-    config = type(config)(
-        **{**config.__dict__, "graph": type(config.graph)(retry_deadline_seconds=0.8)}
-    )
-    app = create_app(
-        config,
-        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-        clock=lambda: NOW,
-    )
-    with TestClient(app) as client:
-        response = call(client, sign, funnel_parameters())
+def test_giving_up_on_5xx_is_502_unavailable_and_retryable(make_client, graph, sign):
+    client = make_client(graph_settings={"retry_deadline_seconds": 0.8})
+    graph.script.extend([Step(503, content=b"<html>busy</html>")] * 100)
+    response = call(client, sign, funnel_parameters())
     body = response.json()
     assert (response.status_code, body["code"], body["retryable"]) == (
         502,
         "UPSTREAM_UNAVAILABLE",
         True,
     )
-    assert body["upstream"]["attempts"] == len(graph.requests) >= 2
-    assert len({r.content for r in graph.requests}) == 1
+    assert body["upstream"]["attempts"] == len(graph.received) >= 2
+    assert len({r.body for r in graph.received}) == 1
 
 
-def test_timeouts_end_in_504(tmp_path, rsa_key, sign):
-    config = make_config(tmp_path, rsa_key, facebook_access_token="t")
-    settings = type(config.graph)(timeout_seconds=0.05, retry_deadline_seconds=0.4)
-    config = type(config)(**{**config.__dict__, "graph": settings})
-
-    def hang(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
-
-    app = create_app(
-        config, graph_transport=HttpxTransport(httpx.MockTransport(hang)), clock=lambda: NOW
-    )
-    with TestClient(app) as client:
-        response = call(client, sign, funnel_parameters())
+def test_timeouts_end_in_504(make_client, graph, sign):
+    settings = {"timeout_seconds": 0.05, "retry_deadline_seconds": 0.4}
+    client = make_client(graph_settings=settings)
+    graph.script.extend([Step(delay=1.0)] * 20)
+    response = call(client, sign, funnel_parameters())
     assert (response.status_code, response.json()["code"]) == (504, "UPSTREAM_UNAVAILABLE")
 
 
@@ -330,11 +326,11 @@ def test_bad_requests_get_json_errors_with_stable_codes(client, graph, sign, kwa
     response = client.post(URL, headers=headers, **kwargs)
     assert (response.status_code, response.json()["code"]) == (status, code)
     assert response.json()["message"]
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_body_over_1_mib_without_content_length_is_refused(client, sign):
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         for _ in range(20):
             yield b" " * 65536
 
@@ -369,10 +365,78 @@ def test_a_trailing_slash_is_served_without_a_redirect(client, graph, sign, path
         follow_redirects=False,
     )
     assert response.status_code == 200
-    assert len(graph.requests) == 1
+    assert len(graph.received) == 1
 
 
 def test_list_tools_and_health_answer_with_a_trailing_slash(client, sign):
     headers = {"Authorization": f"Bearer {sign()}"}
     assert client.get(URL + "/", headers=headers, follow_redirects=False).status_code == 200
     assert client.get("/healthz/", follow_redirects=False).status_code == 200
+
+
+# Graph answers decided by their HTTP status alone (policy.py's table, README's Delivery)
+
+
+def test_http_429_without_a_known_code_is_retried(client, graph, sign):
+    graph.script.append(Step(429, error={"message": "Too many calls", "type": "OAuthException"}))
+    response = call(client, sign, funnel_parameters())
+    assert response.status_code == 200
+    assert len(graph.received) == 2
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_http_401_and_403_without_a_known_code_are_upstream_auth(client, graph, sign, status):
+    graph.script.append(Step(status, error={"message": "Not allowed", "type": "OAuthException"}))
+    response = call(client, sign, funnel_parameters())
+    body = response.json()
+    assert (response.status_code, body["code"], body["retryable"]) == (502, "UPSTREAM_AUTH", False)
+    assert body["upstream"]["http_status"] == status
+    assert len(graph.received) == 1
+
+
+class BrokenTransport:
+    """A Graph transport with a bug: what reaches the caller is a JSON 500, nothing more."""
+
+    async def post(self, url: str, content: bytes) -> Answer:
+        raise RuntimeError(f"bug while sending {content!r}")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_bug_is_a_json_500_that_says_nothing_else(make_client, sign, log_capture):
+    client = make_client(transport=BrokenTransport())
+    response = call(client, sign, funnel_parameters())
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"message": "Internal error.", "code": "INTERNAL_ERROR",
+                               "retryable": False}  # fmt: skip
+    [line] = [x for x in log_capture.lines(client) if x["event"] == "request"]
+    assert (line["status"], line["code"], line["level"]) == (500, "INTERNAL_ERROR", "error")
+    assert "bug while sending" not in log_capture.stream.getvalue()
+
+
+# Mapping details the README promises
+
+
+def test_ipv6_addresses_are_accepted_in_their_compressed_form(client, graph, sign):
+    parameters = funnel_parameters(
+        customerClientIpAddress=" 2001:0DB8:0000:0000:0000:0000:0000:0001 "
+    )
+    assert call(client, sign, parameters).status_code == 200
+    assert graph.bodies()[0]["data"][0]["user_data"]["client_ip_address"] == "2001:db8::1"
+    refused = funnel_parameters(customerClientIpAddress="2001:db8::g1")
+    assert "IP" in violations(call(client, sign, refused))["parameters.customerClientIpAddress"]
+
+
+def test_a_calls_test_event_code_wins_over_the_projects(make_client, graph, sign):
+    client = make_client(test_event_code="PROJECT1")
+    assert call(client, sign, funnel_parameters(testEventCode="CALL1")).status_code == 200
+    assert graph.bodies()[0]["test_event_code"] == "CALL1"
+
+
+def test_custom_data_text_is_trimmed_and_empty_text_dropped(client, graph, sign):
+    parameters = funnel_parameters(contentName="  Lettuce ", contentCategory="", orderId=" o-7 ")
+    assert call(client, sign, parameters).status_code == 200
+    assert graph.bodies()[0]["data"][0]["custom_data"] == {
+        "content_ids": ["ABC123", "XYZ789"], "content_name": "Lettuce", "order_id": "o-7"}  # fmt: skip

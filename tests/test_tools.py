@@ -4,15 +4,13 @@ in-process, Graph faked at the transport."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from starlette.testclient import TestClient
 
-from server.app import create_app
-from server.delivery.transport import HttpxTransport
-from tests.conftest import NOW, PIXEL, PROJECT, FakeGraph, funnel_parameters, make_config
+from tests.support import NOW, PIXEL, PROJECT, funnel_parameters
 
 TOOLS = ["FACEBOOK_ADS_SEND_FUNNEL_EVENT", "FACEBOOK_ADS_SEND_LEAD_EVENT", "meta_send_conversion_event",
          "FACEBOOK_ADS_SEND_EVENTS"]  # fmt: skip
@@ -22,20 +20,23 @@ def sha(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def run(client: TestClient, sign, tool: str, parameters: dict, query: str = "") -> httpx.Response:
+def run(
+    client: TestClient, sign, tool: str, parameters: dict[str, Any], query: str = ""
+) -> httpx2.Response:
     return client.post(f"/projects/{PROJECT}/tools{query}", json={"tool": tool, "parameters": parameters},
                        headers={"Authorization": f"Bearer {sign()}"})  # fmt: skip
 
 
-def listing(client: TestClient, sign, path: str = "tools", query: str = "") -> dict:
+def listing(client: TestClient, sign, path: str = "tools", query: str = "") -> dict[str, Any]:
     response = client.get(
         f"/projects/{PROJECT}/{path}{query}", headers={"Authorization": f"Bearer {sign()}"}
     )
     assert response.status_code == 200, response.text
-    return response.json()
+    body: dict[str, Any] = response.json()
+    return body
 
 
-def raw_event(**overrides) -> dict:
+def raw_event(**overrides: Any) -> dict[str, Any]:
     event = {"event_name": "Purchase", "event_time": int(NOW) - 60, "action_source": "website",
              "event_source_url": "https://shop.example.com/thanks",
              "user_data": {"em": "Joe@Example.com", "client_user_agent": "UA/1.0", "fbc": "fb.1.1.AbC"},
@@ -100,17 +101,12 @@ def test_list_tools_filters(client, sign, query, expected):
     assert len(listing(client, sign, query=query)["tools"].get("facebookAds", [])) == expected
 
 
-def test_list_tools_limits_to_available_integrations_by_default(tmp_path: Path, rsa_key, sign):
-    app = create_app(
-        make_config(tmp_path, rsa_key),
-        graph_transport=HttpxTransport(httpx.MockTransport(FakeGraph().handler)),
+def test_list_tools_limits_to_available_integrations_by_default(make_client, sign):
+    client = make_client(facebook_access_token=None)
+    assert listing(client, sign)["tools"] == {}
+    assert (
+        len(listing(client, sign, query="?limit_to_available=false")["tools"]["facebookAds"]) == 4
     )
-    with TestClient(app) as client:
-        assert listing(client, sign)["tools"] == {}
-        assert (
-            len(listing(client, sign, query="?limit_to_available=false")["tools"]["facebookAds"])
-            == 4
-        )
 
 
 def test_list_tools_refuses_unknown_format_and_bad_tokens(client, sign):
@@ -133,22 +129,15 @@ def test_lead_event_is_always_lead_and_has_no_event_name(client, graph, sign):
         {"path": "parameters.eventName", "message": "is not a parameter of FACEBOOK_ADS_SEND_LEAD_EVENT"}]  # fmt: skip
 
 
-def test_extension_parameters_map_into_the_event(tmp_path: Path, rsa_key, sign):
-    graph = FakeGraph()
-    config = make_config(tmp_path, rsa_key, facebook_access_token="t", default_phone_region="us")
-    app = create_app(
-        config,
-        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-        clock=lambda: NOW,
-    )
+def test_extension_parameters_map_into_the_event(make_client, graph, sign):
+    client = make_client(default_phone_region="us")
     parameters = funnel_parameters(
         value=49.9, currency="USD", orderId="o-7", numItems=2, optOut=False, dataProcessingOptions=[],
         contents=[{"id": "ABC123", "quantity": 2, "item_price": 24.95}], customerPhone="(650) 555-1234",
         customerZip="94107-1234", customerGender="Female", customerDateOfBirth="1990-02-03",
         testEventCode="TEST123",
     )  # fmt: skip
-    with TestClient(app) as client:
-        assert run(client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT", parameters).status_code == 200
+    assert run(client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT", parameters).status_code == 200
     body = graph.bodies()[0]
     event = body["data"][0]
     assert body["test_event_code"] == "TEST123"
@@ -174,22 +163,14 @@ def test_extension_parameters_are_validated_by_their_own_schema(client, graph, s
     }
     assert errors == {"parameters.value", "parameters.currency", "parameters.contents[0].quantity",
                       "parameters.numItems"}  # fmt: skip
-    assert graph.requests == []
+    assert graph.received == []
 
 
-def test_project_default_test_event_code_is_forwarded(tmp_path: Path, rsa_key, sign):
-    graph = FakeGraph()
-    config = make_config(tmp_path, rsa_key, facebook_access_token="t", test_event_code="TEST999")
-    app = create_app(
-        config,
-        graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-        clock=lambda: NOW,
+def test_project_default_test_event_code_is_forwarded(make_client, graph, sign):
+    client = make_client(test_event_code="TEST999")
+    assert (
+        run(client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT", funnel_parameters()).status_code == 200
     )
-    with TestClient(app) as client:
-        assert (
-            run(client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT", funnel_parameters()).status_code
-            == 200
-        )
     assert graph.bodies()[0]["test_event_code"] == "TEST999"
 
 
@@ -260,7 +241,7 @@ def test_conversion_event_reports_bad_user_data_by_path(client, graph, sign):
     assert found["parameters.user_data.em"] == "is not an email address"
     assert "baseline matching" in found["parameters.user_data"]  # only the user agent is left
     assert len(found) == 2
-    assert graph.requests == []
+    assert graph.received == []
 
 
 # FACEBOOK_ADS_SEND_EVENTS
@@ -268,7 +249,6 @@ def test_conversion_event_reports_bad_user_data_by_path(client, graph, sign):
 
 def test_batch_sends_every_event_in_one_request(client, graph, sign):
     events = [raw_event(event_id=f"e{i}") for i in range(3)]
-    graph.script = [lambda _r: httpx.Response(200, json={"events_received": 3, "fbtrace_id": "T"})]
     response = run(client, sign, "FACEBOOK_ADS_SEND_EVENTS", {"pixel_id": PIXEL, "events": events})
     assert response.json()["events_received"] == 3
     [body] = graph.bodies()
@@ -284,7 +264,7 @@ def test_batch_with_one_bad_event_is_refused_by_index_before_sending(client, gra
         "parameters.events[3].user_data.client_user_agent",
         "parameters.events[3].user_data",  # baseline matching: a city alone cannot match
     }
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_batch_size_is_1_to_1000(client, graph, sign):
@@ -301,26 +281,17 @@ def test_batch_size_is_1_to_1000(client, graph, sign):
     assert empty.json()["errors"] == [
         {"path": "parameters.events", "message": "must have at least 1 item(s)"}
     ]
-    assert graph.requests == []
+    assert graph.received == []
 
 
 # Dry run
 
 
-def test_dry_run_shows_the_exact_request_and_match_keys_and_sends_nothing(
-    tmp_path: Path, rsa_key, sign
-):
-    graph = FakeGraph()
-    app = create_app(make_config(tmp_path, rsa_key), graph_transport=HttpxTransport(httpx.MockTransport(graph.handler)),
-                     clock=lambda: NOW)  # fmt: skip
-    with TestClient(app) as client:
-        response = run(
-            client,
-            sign,
-            "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
-            funnel_parameters(),
-            query="?dry_run=true",
-        )
+def test_dry_run_shows_the_exact_request_and_match_keys_and_sends_nothing(make_client, graph, sign):
+    client = make_client(facebook_access_token=None)
+    response = run(
+        client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT", funnel_parameters(), query="?dry_run=true"
+    )
     body = response.json()
     assert response.status_code == 200 and body["dry_run"] is True
     assert body["integration_enabled"] is False  # no credential: a real call would be refused
@@ -329,7 +300,7 @@ def test_dry_run_shows_the_exact_request_and_match_keys_and_sends_nothing(
     assert "access_token" not in body["request"]["body"]
     assert body["match_keys"] == [["client_ip_address", "client_user_agent", "country", "ct", "em",
                                    "external_id", "fbc", "fbp", "fn", "ln", "st"]]  # fmt: skip
-    assert graph.requests == []
+    assert graph.received == []
 
 
 def test_dry_run_still_validates(client, graph, sign):
@@ -341,3 +312,33 @@ def test_dry_run_still_validates(client, graph, sign):
         run(client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT", {}, query="?dry_run=maybe").status_code
         == 400
     )
+
+
+# Rules every snake_case tool shares
+
+
+def test_app_events_need_app_data(client, graph, sign):
+    event = raw_event(action_source="app")
+    del event["event_source_url"]
+    refused = run(client, sign, "meta_send_conversion_event", {"pixel_id": PIXEL, **event})
+    assert refused.json()["errors"] == [
+        {"path": "parameters.app_data", "message": "is required for app events"}
+    ]
+    assert graph.received == []
+    app_data = {"advertiser_tracking_enabled": 1, "extinfo": ["a2", "com.example.app"]}
+    accepted = run(client, sign, "meta_send_conversion_event",
+                   {"pixel_id": PIXEL, **event, "app_data": app_data})  # fmt: skip
+    assert accepted.status_code == 200, accepted.text
+    assert graph.bodies()[0]["data"][0]["app_data"] == app_data
+
+
+@pytest.mark.parametrize(
+    ("tool", "parameters"),
+    [("meta_send_conversion_event", {"pixel_id": PIXEL, **raw_event()}),
+     ("FACEBOOK_ADS_SEND_EVENTS", {"pixel_id": PIXEL, "events": [raw_event()]})],
+)  # fmt: skip
+def test_a_calls_test_event_code_wins_over_the_projects(make_client, graph, sign, tool, parameters):
+    client = make_client(test_event_code="PROJECT1")
+    assert run(client, sign, tool, parameters).status_code == 200
+    assert run(client, sign, tool, {**parameters, "test_event_code": "CALL1"}).status_code == 200
+    assert [body["test_event_code"] for body in graph.bodies()] == ["PROJECT1", "CALL1"]

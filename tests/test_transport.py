@@ -1,41 +1,41 @@
 """The production Graph transport (aiohttp) over real loopback HTTP: answers, refused
-connections, timeouts, and a pool that survives a cancelled attempt."""
+connections, timeouts, a pool that survives a cancelled attempt, and the whole app on it."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 
 import orjson
 import pytest
 
-from server.delivery.transport import AiohttpTransport, ConnectionFailed
-from tests.fakegraph import FakeGraphServer
+from server.delivery.transport import AiohttpTransport, Answer, ConnectionFailed
 from tests.live import serving
-
-PIXEL = "123456789012345"
+from tests.support import (
+    PIXEL,
+    PROJECT,
+    PROJECT_TOKEN,
+    TRACE_ID,
+    FakeGraph,
+    free_port,
+    funnel_parameters,
+    graph_error,
+)
 
 
 @pytest.fixture(scope="module")
-def graph() -> Iterator[FakeGraphServer]:
-    fake = FakeGraphServer()
-    with serving(fake.app()) as base_url:
+def graph() -> Iterator[FakeGraph]:
+    fake = FakeGraph()
+    with serving(fake.app(), lifespan="off") as base_url:
         fake.base_url = base_url
         yield fake
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed when the block ends: nothing listens
 
 
 def test_answer_carries_status_and_body_and_json_headers(graph):
     graph.reset()
     graph.script.append({"status": 500, "error": {"code": 2, "is_transient": True}})
 
-    async def go():
+    async def go() -> Answer:
         transport = AiohttpTransport(max_connections=4)
         try:
             return await transport.post(f"{graph.base_url}/v24.0/{PIXEL}/events", b"{}")
@@ -51,10 +51,10 @@ def test_answer_carries_status_and_body_and_json_headers(graph):
 
 
 def test_refused_connection_is_connection_failed():
-    async def go():
+    async def go() -> None:
         transport = AiohttpTransport(max_connections=4)
         try:
-            await transport.post(f"http://127.0.0.1:{_closed_port()}/v24.0/1/events", b"{}")
+            await transport.post(f"http://127.0.0.1:{free_port()}/v24.0/1/events", b"{}")
         finally:
             await transport.aclose()
 
@@ -67,7 +67,7 @@ def test_pool_keeps_working_after_an_attempt_is_cancelled_by_its_timeout(graph):
     graph.script.append({"delay": 1.0})
     url = f"{graph.base_url}/v24.0/{PIXEL}/events"
 
-    async def go():
+    async def go() -> Answer:
         transport = AiohttpTransport(max_connections=1)  # one connection: it must come back
         try:
             with pytest.raises(TimeoutError):
@@ -81,3 +81,26 @@ def test_pool_keeps_working_after_an_attempt_is_cancelled_by_its_timeout(graph):
     answer = asyncio.run(go())
     assert answer.status == 400  # the sandbox's rules answer the second, real request
     assert len(graph.received) == 2
+
+
+def test_the_app_delivers_through_the_production_transport(make_client, graph, sign):
+    """The whole app on aiohttp, as `funnelgate serve` builds it, to Graph on loopback: a
+    transient failure, then the same bytes again, and Meta's answer unwrapped."""
+    graph.reset()
+    graph.script.append(graph_error(503, 2, is_transient=True))
+    client = make_client(
+        graph_settings={"base_url": graph.base_url}, transport=AiohttpTransport(max_connections=4)
+    )
+    response = client.post(
+        f"/projects/{PROJECT}/tools",
+        json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": funnel_parameters()},
+        headers={"Authorization": f"Bearer {sign()}"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"events_received": 1, "messages": [], "fbtrace_id": TRACE_ID}
+    first, second = graph.received
+    assert first.body == second.body
+    assert (second.path, second.query) == (f"/v24.0/{PIXEL}/events", "")
+    assert second.headers["content-type"] == "application/json"
+    assert second.json()["access_token"] == PROJECT_TOKEN
+    assert graph.sandbox.accepted[-1]["body"]["data"] == second.json()["data"]

@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 
 from server.errors import InvalidParameters
 from server.validation import ParameterValidator
-from tests.conftest import PIXEL, funnel_parameters
+from tests.support import PIXEL, funnel_parameters
 from tools.catalog import load_catalog
 
 TOOLS = load_catalog()
@@ -60,16 +60,14 @@ def mutated(base: Any, path: tuple[Any, ...], replacement: Any) -> Any:
     return result
 
 
-CASES = [
-    pytest.param(
-        name,
-        mutated(base, path, replacement),
-        id=f"{name}:{'.'.join(map(str, path))}={replacement!r}",
-    )
+# (id, tool name, parameters)
+CORPUS: list[tuple[str, str, Any]] = [
+    (f"{name}:{'.'.join(map(str, path))}={replacement!r}", name, mutated(base, path, replacement))
     for name, base in VALID.items()
     for path, replacement in [((), None), *mutations(base)]
     if path
-] + [pytest.param(name, base, id=f"{name}:valid") for name, base in VALID.items()]
+] + [(f"{name}:valid", name, base) for name, base in VALID.items()]
+CASES = [pytest.param(name, parameters, id=case_id) for case_id, name, parameters in CORPUS]
 
 
 @pytest.mark.parametrize(("tool_name", "parameters"), CASES)
@@ -81,10 +79,10 @@ def test_fast_validator_agrees_with_the_reference(tool_name, parameters):
 
 def test_corpus_has_both_outcomes():
     schema_ok = [
-        not list(Draft202012Validator(dict(TOOLS[p.values[0]].schema)).iter_errors(p.values[1]))
-        for p in CASES
+        not list(Draft202012Validator(dict(TOOLS[name].schema)).iter_errors(parameters))
+        for _, name, parameters in CORPUS
     ]
-    assert len(CASES) > 500 and sum(schema_ok) >= 4 and schema_ok.count(False) > 400
+    assert len(CORPUS) > 500 and sum(schema_ok) >= 4 and schema_ok.count(False) > 400
 
 
 @pytest.mark.parametrize("tool_name", list(VALID))
