@@ -3,6 +3,7 @@ working client."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -42,18 +43,34 @@ def test_document_is_valid_openapi():
     validate(DOCUMENT)
 
 
-def test_served_document_is_the_file_when_the_sandbox_is_on(config):
+def served_document(*, sandbox: bool) -> dict[str, Any]:
+    """What the server should serve: openapi.json with each tool's parameters schema replaced
+    by the one Run Tool validates (funnelgate's bounds included), and /sandbox/events only
+    when the sandbox is on."""
+    document = copy.deepcopy(DOCUMENT)
+    schemas = document["components"]["schemas"]
+    tools = load_tools()
+    for tool, call in schemas["RunToolRequest"]["discriminator"]["mapping"].items():
+        parameters = schemas[call.rsplit("/", 1)[-1]]["properties"]["parameters"]["$ref"]
+        schemas[parameters.rsplit("/", 1)[-1]] = tools[tool].schema
+    if not sandbox:
+        del document["paths"][SANDBOX_PATH]
+    return document
+
+
+def test_served_document_states_the_validated_schemas_when_the_sandbox_is_on(config):
     sandboxed = dataclasses.replace(config, graph=dataclasses.replace(config.graph, sandbox=True))
     with TestClient(create_app(sandboxed)) as client:
-        assert client.get("/openapi.json").json() == DOCUMENT
+        served = client.get("/openapi.json").json()
+    validate(served)
+    assert served == served_document(sandbox=True)
 
 
 def test_served_document_omits_the_sandbox_route_when_the_sandbox_is_off(client):
     """A production server does not serve /sandbox/events, so its document does not list it."""
     served = client.get("/openapi.json").json()
     assert SANDBOX_PATH not in served["paths"]
-    assert served == {**DOCUMENT, "paths": {
-        path: item for path, item in DOCUMENT["paths"].items() if path != SANDBOX_PATH}}  # fmt: skip
+    assert served == served_document(sandbox=False)
 
 
 def test_every_route_is_documented(client):
