@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import routes
@@ -48,7 +48,7 @@ from server.responses import error_response
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
 from server.storage.credentials import open_credentials
-from tools.catalog import OPENAPI_PATH, load_catalog
+from tools.catalog import OPENAPI_PATH, load_catalog, served_openapi
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
 
@@ -62,16 +62,21 @@ def create_app(
 ) -> Starlette:
     """The ASGI app. `graph_transport` replaces the network to Graph (tests); by default
     Graph is reached with aiohttp, or in-process when the sandbox is on."""
-    openapi_bytes = OPENAPI_PATH.read_bytes()
-    catalog = load_catalog(orjson.loads(openapi_bytes))
+    openapi = orjson.loads(OPENAPI_PATH.read_bytes())
+    catalog = load_catalog(openapi)
+    openapi_bytes = orjson.dumps(served_openapi(openapi, catalog, sandbox=config.graph.sandbox))
     graph_settings = config.graph
-    extra_routes: list[Route | Mount] = []
+    extra_routes: list[Route] = []
     if config.graph.sandbox:
-        sandbox = sandbox_app(SandboxGraph(clock=clock))
+        sandbox = SandboxGraph(clock=clock)
         graph_settings = dataclasses.replace(graph_settings, base_url=SANDBOX_BASE_URL)
-        extra_routes.append(Mount("/sandbox", app=sandbox))
+        # Only the listing is a route: the sandbox Graph is reached as the transport, never
+        # from outside (its POST read bodies unbounded and without a token).
+        extra_routes.append(
+            Route("/sandbox/events", routes.sandbox_events(sandbox), methods=["GET"])
+        )
         if graph_transport is None:
-            graph_transport = HttpxTransport(httpx.ASGITransport(app=sandbox))
+            graph_transport = HttpxTransport(httpx.ASGITransport(app=sandbox_app(sandbox)))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -42,6 +42,7 @@ from server.errors import (
     IntegrationNotEnabled,
     InternalError,
     InvalidParameters,
+    MethodNotAllowed,
     NotFound,
 )
 from server.logs import log
@@ -271,6 +272,12 @@ class McpEndpoint:
         self.__name__ = "mcp"  # the endpoint's name in the request log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            # Stateless with JSON answers: no SSE stream to GET (it would hold a connection
+            # open with nothing to send) and no session to DELETE.
+            scope.setdefault("state", {})["error_code"] = MethodNotAllowed.code
+            await error_response(MethodNotAllowed("POST"))(scope, receive, send)
+            return
         chunks: list[bytes] = []
 
         async def recording() -> Message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -14,6 +15,7 @@ from server.listing import FORMATS, as_function, as_paragon
 from server.logs import clip
 from server.responses import json_response
 from server.runner import Runner
+from server.sandbox import SandboxGraph
 from tools.base import JsonAnswer
 
 
@@ -51,24 +53,32 @@ async def _run(request: Request, name_key: str) -> Response:
 
 
 def _prefers_markdown(accept: str) -> bool:
-    """Whether `Accept` (RFC 9110 §12.5.1) ranks text/markdown above JSON."""
-    quality = {"markdown": 0.0, "json": 0.0}
-    for part in accept.split(",")[:32]:
-        media, *params = (p.strip() for p in part.split(";"))
-        q = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        media = media.lower()
-        if media == "text/markdown":
-            quality["markdown"] = max(quality["markdown"], q)
-        elif media in ("application/json", "application/*", "*/*"):
-            quality["json"] = max(quality["json"], q)
-    return quality["markdown"] > quality["json"]
+    """Whether `Accept` ranks text/markdown above application/json: each gets the q of the
+    most specific range that matches it (RFC 9110 §12.5.1); no Accept, */* and ties: JSON."""
+    return _quality(accept, "text/markdown") > _quality(accept, "application/json")
+
+
+def _quality(accept: str, media_type: str) -> float:
+    ranks = {media_type: 3, media_type.split("/", 1)[0] + "/*": 2, "*/*": 1}
+    best_rank, best_q = 0, 0.0
+    for media_range in accept.split(",")[:32]:
+        media, *params = (part.strip() for part in media_range.split(";"))
+        rank = ranks.get(media.lower(), 0)
+        if rank > best_rank:
+            best_rank, best_q = rank, _q_value(params)
+    return best_q
+
+
+def _q_value(params: list[str]) -> float:
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                return 0.0
+            return q if 0.0 <= q <= 1.0 else 0.0
+    return 1.0
 
 
 def _flag(request: Request, name: str, *, default: bool) -> bool:
@@ -118,6 +128,15 @@ async def list_tools(request: Request) -> Response:
 
 async def list_actions(request: Request) -> Response:
     return await _list(request, ("actions",))
+
+
+def sandbox_events(sandbox: SandboxGraph) -> Callable[[Request], Awaitable[Response]]:
+    """GET /sandbox/events: what the sandbox Graph accepted, access tokens redacted."""
+
+    async def endpoint(_: Request) -> Response:
+        return json_response({"requests": list(sandbox.accepted)})
+
+    return endpoint
 
 
 async def openapi(request: Request) -> Response:

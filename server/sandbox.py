@@ -156,7 +156,7 @@ def _json(status: int, content: Any) -> Response:
 
 
 def sandbox_app(sandbox: SandboxGraph) -> Starlette:
-    """`POST /{version}/{pixel}/events` as Graph, and `GET /events` listing what it accepted."""
+    """`POST /{version}/{pixel}/events` as Graph: a sandboxed server's transport."""
 
     async def post_events(request: Request) -> Response:
         try:
@@ -168,12 +168,4 @@ def sandbox_app(sandbox: SandboxGraph) -> Starlette:
         )
         return _json(status, answer)
 
-    async def list_events(_: Request) -> Response:
-        return _json(200, {"requests": list(sandbox.accepted)})
-
-    return Starlette(
-        routes=[
-            Route("/{version}/{pixel}/events", post_events, methods=["POST"]),
-            Route("/events", list_events, methods=["GET"]),
-        ]
-    )
+    return Starlette(routes=[Route("/{version}/{pixel}/events", post_events, methods=["POST"])])

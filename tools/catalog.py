@@ -47,6 +47,26 @@ def load_catalog(openapi: dict[str, Any] | None = None) -> dict[str, Entry]:
     return {tool.name: Entry(tool, tool_schema(schemas, tool)) for tool in TOOLS}
 
 
+def served_openapi(
+    openapi: dict[str, Any], catalog: Mapping[str, Entry], *, sandbox: bool
+) -> dict[str, Any]:
+    """openapi.json as the server states it: each tool's parameters schema (found through
+    RunToolRequest's discriminator) is the one Run Tool validates, bounds included, so clients
+    and schemathesis see the real contract; /sandbox/events is listed only when served."""
+    document = copy.deepcopy(openapi)
+    schemas = document["components"]["schemas"]
+    for name, call in schemas["RunToolRequest"]["discriminator"]["mapping"].items():
+        parameters = schemas[_component(call)]["properties"]["parameters"]["$ref"]
+        schemas[_component(parameters)] = dict(catalog[name].schema)
+    if not sandbox:
+        del document["paths"]["/sandbox/events"]
+    return document
+
+
+def _component(ref: str) -> str:
+    return ref.rsplit("/", 1)[-1]
+
+
 def tool_schema(schemas: dict[str, Any], tool: Tool) -> dict[str, Any]:
     """The published schema plus extension properties, closed to unknown parameters (a
     misspelt customer field would otherwise vanish silently), every value bounded (limits.py)."""
