@@ -317,12 +317,25 @@ def test_dry_run_still_validates(client, graph, sign):
 # Rules every snake_case tool shares
 
 
+def test_actionkit_app_events_are_refused_for_their_action_source(client, graph, sign):
+    """The published enum offers `app`, but these tools cannot carry app_data."""
+    refused = run(client, sign, "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+                  funnel_parameters(actionSource="app", eventSourceUrl=None))  # fmt: skip
+    assert refused.json()["errors"] == [
+        {
+            "path": "parameters.actionSource",
+            "message": "app events need app_data (Meta requires it)",
+        }
+    ]
+    assert graph.received == []
+
+
 def test_app_events_need_app_data(client, graph, sign):
     event = raw_event(action_source="app")
     del event["event_source_url"]
     refused = run(client, sign, "meta_send_conversion_event", {"pixel_id": PIXEL, **event})
     assert refused.json()["errors"] == [
-        {"path": "parameters.app_data", "message": "is required for app events"}
+        {"path": "parameters.app_data", "message": "app events need app_data (Meta requires it)"}
     ]
     assert graph.received == []
     app_data = {"advertiser_tracking_enabled": 1, "extinfo": ["a2", "com.example.app"]}

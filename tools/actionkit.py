@@ -55,6 +55,9 @@ _PATHS = {
     "event_time": "parameters.eventTime",
     "event_source_url": "parameters.eventSourceUrl",
     "user_data": "parameters",
+    # These tools carry no app_data, so an app event is refused for its actionSource (it
+    # can go through meta_send_conversion_event, which carries app_data).
+    "app_data": "parameters.actionSource",
     **{f"user_data.{key}": f"parameters.{name}" for name, key in USER_DATA_FIELDS.items()},
 }
 

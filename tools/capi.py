@@ -218,7 +218,7 @@ def check_event(event: Mapping[str, Any], *, now: float, path_of: PathOf) -> lis
         if "client_user_agent" not in user_data:
             fail("user_data.client_user_agent", "is required for website events")
     if source == "app" and not event.get("app_data"):
-        fail("app_data", "is required for app events")
+        fail("app_data", "app events need app_data (Meta requires it)")
     keys = frozenset(user_data)
     if not keys:
         fail("user_data", "needs at least one customer identifier")
