@@ -31,7 +31,6 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from server.access import authenticate
@@ -46,7 +45,7 @@ from server.errors import (
     NotFound,
 )
 from server.logs import log
-from server.responses import error_response, json_response
+from server.responses import error_response, jsonrpc_error_response
 from server.runner import Runner
 from tools.base import JsonAnswer, Violation, as_json
 from tools.catalog import Entry
@@ -226,28 +225,6 @@ def _check_message(message: Any) -> None:
         raise BadRequest(
             "The request body is not a JSON-RPC 2.0 message.", code="INVALID_REQUEST"
         ) from None
-
-
-def jsonrpc_error_response(error: FunnelgateError) -> Response:
-    """A refused body, as a JSON-RPC error at the error's HTTP status.
-
-    MCP clients turn a JSON-RPC error found at a non-2xx status into the caller's exception
-    (the official Python client; any other body becomes a bare "Server returned an error
-    response"), so the message reaches the caller; `data` carries funnelgate's usual body
-    with its stable `code`. The id is null: the body was not read as a request (JSON-RPC
-    2.0, section 5).
-    """
-    code = types.PARSE_ERROR if error.code == "INVALID_JSON" else types.INVALID_REQUEST
-    response = json_response(
-        {
-            "jsonrpc": "2.0",
-            "id": None,
-            "error": {"code": code, "message": error.message, "data": error.body()},
-        },
-        error.status,
-    )
-    response.headers.update(error.headers())
-    return response
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:
