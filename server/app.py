@@ -58,7 +58,6 @@ def create_app(
     *,
     graph_transport: GraphTransport | None = None,
     clock: Callable[[], float] = time.time,
-    max_in_flight: int | None = None,
 ) -> Starlette:
     """The ASGI app. `graph_transport` replaces the network to Graph (tests); by default
     Graph is reached with aiohttp, or in-process when the sandbox is on."""
@@ -110,7 +109,7 @@ def create_app(
     app.state.config = config
     app.state.tokens = VerifiedTokens(clock=clock)
     app.state.openapi_bytes = openapi_bytes
-    app.add_middleware(InFlightLimit, limit=max_in_flight or config.server.max_in_flight)
+    app.add_middleware(InFlightLimit, limit=config.server.max_in_flight)
     app.add_middleware(RequestLog)
     app.add_middleware(WithoutTrailingSlash)
     return app

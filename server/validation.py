@@ -80,13 +80,23 @@ def nesting_violation(parameters: Any, limit: int = MAX_DEPTH) -> Violation | No
 
 
 def _deeper_than(root: Any, limit: int) -> bool:
-    stack = [(root, 0)] if isinstance(root, dict | list) else []
+    # On every call's hot path: exact type checks and no generators (JSON gives dict and list).
+    stack = [(root, 0)]
     while stack:
         node, depth = stack.pop()
+        kind = type(node)
+        if kind is dict:
+            values = node.values()
+        elif kind is list:
+            values = node
+        else:
+            continue
         if depth >= limit:
             return True
-        values = node.values() if isinstance(node, dict) else node
-        stack.extend((value, depth + 1) for value in values if isinstance(value, dict | list))
+        for value in values:
+            kind = type(value)
+            if kind is dict or kind is list:
+                stack.append((value, depth + 1))
     return False
 
 

@@ -4,6 +4,7 @@ Retry-After; health checks are never refused; calls already in progress finish."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable
 
 import httpx
@@ -23,8 +24,9 @@ def test_calls_past_the_cap_are_refused_with_503_and_retry_after(config, sign):
         await release.wait()
         return httpx.Response(200, json={"events_received": 1, "fbtrace_id": "T"})
 
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, max_in_flight=2))
     app = create_app(config, graph_transport=HttpxTransport(httpx.MockTransport(slow_graph)),
-                     clock=lambda: NOW, max_in_flight=2)  # fmt: skip
+                     clock=lambda: NOW)  # fmt: skip
     headers = {"Authorization": f"Bearer {sign()}"}
 
     def post(client: httpx.AsyncClient, n: int) -> Awaitable[httpx.Response]:
