@@ -11,6 +11,7 @@ import asyncio
 import io
 import itertools
 import socket
+import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -323,3 +324,17 @@ class LogCapture:
         client.portal.call(asyncio.sleep, 0)
         assert logs.flush(5), "the log writer did not catch up"
         return [orjson.loads(line) for line in self.stream.getvalue().splitlines()]
+
+
+def wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
+    """Until a `funnelgate serve` process answers /healthz (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("funnelgate serve exited early")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("funnelgate serve did not become ready")

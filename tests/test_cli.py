@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from server.storage.crypto import add_secret_key, new_secret_key
 from tests.live import serving
 from tests.support import WallClockGraph as FakeGraphServer
-from tests.support import free_port, funnel_parameters, private_pem, public_pem
+from tests.support import free_port, funnel_parameters, private_pem, public_pem, wait_ready
 
 FUNNELGATE = str(Path(sys.executable).parent / "funnelgate")
 
@@ -358,17 +358,6 @@ def user_token(key: rsa.RSAPrivateKey, user: str, project: str = "p1") -> str:
     now = int(time.time())
     claims = {"sub": user, "iat": now, "exp": now + 600, "aud": f"useparagon.com/{project}"}
     return jwt.encode(claims, key, algorithm="RS256")
-
-
-def wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError("funnelgate serve did not become ready")
 
 
 def test_tokens_are_encrypted_in_every_file_and_rotate_while_serving(project_dir: Path, rsa_key):

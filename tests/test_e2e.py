@@ -29,6 +29,7 @@ from tests.support import (
     public_pem,
     rsa_private_key,
     sign_token,
+    wait_ready,
 )
 
 PROJECT = "e2e-project"
@@ -92,25 +93,12 @@ jwt_public_key_file = "project.pub.pem"
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(base, process)
+            wait_ready(base, process)
             with httpx.Client(base_url=base, timeout=10) as http:
                 yield Served(http, log_path)
         finally:
             process.terminate()
             process.wait(timeout=10)
-
-
-def _wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("funnelgate serve exited early")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError("funnelgate serve did not become ready")
 
 
 @pytest.fixture
