@@ -48,7 +48,7 @@ from server.responses import error_response
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
 from server.storage.credentials import open_credentials
-from tools.catalog import OPENAPI_PATH, load_catalog, served_openapi
+from tools.catalog import load_catalog, load_openapi, served_openapi
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
 
@@ -61,7 +61,7 @@ def create_app(
 ) -> Starlette:
     """The ASGI app. `graph_transport` replaces the network to Graph (tests); by default
     Graph is reached with aiohttp, or in-process when the sandbox is on."""
-    openapi = orjson.loads(OPENAPI_PATH.read_bytes())
+    openapi = load_openapi()
     catalog = load_catalog(openapi)
     openapi_bytes = orjson.dumps(served_openapi(openapi, catalog, sandbox=config.graph.sandbox))
     graph_settings = config.graph

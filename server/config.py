@@ -85,10 +85,6 @@ class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     source: Path | None = None
 
-    @property
-    def database_path(self) -> Path:
-        return self.storage.database_path
-
 
 _TOP_LEVEL = ("graph", "storage", "server", "projects")
 _STORAGE_KEYS = ("url", "secret_key_file")
@@ -252,11 +248,12 @@ def _proxy(entry: Any, where: str) -> str:
         if "/" not in entry:
             return str(ipaddress.ip_address(entry))
         network = ipaddress.ip_network(entry, strict=False)
+        exact = ipaddress.ip_interface(entry).ip == network.network_address
     except ValueError:
         raise ConfigError(bad) from None
-    if str(network) != entry:
+    if not exact:
         raise ConfigError(f"{where}: trusted_proxies: {entry!r} has host bits set ({network}?)")
-    return entry
+    return str(network)
 
 
 def _project(item: Any, base_dir: Path, env: dict[str, str], where: str) -> Project:

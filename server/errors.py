@@ -27,6 +27,8 @@ from typing import Any
 
 from tools.base import Violation
 
+MAX_VIOLATIONS = 100  # an invalid call lists at most this many (README, Limits)
+
 
 class ConfigError(Exception):
     """A configuration problem; the message is one line naming the problem."""
@@ -61,6 +63,8 @@ class InvalidParameters(BadRequest):
     code = "INVALID_PARAMETERS"
 
     def __init__(self, violations: list[Violation], *, more: bool = False) -> None:
+        more = more or len(violations) > MAX_VIOLATIONS
+        violations = violations[:MAX_VIOLATIONS]
         first = violations[0]
         count = f"{len(violations) - 1}{'+' if more else ''}"
         others = f" (and {count} more)" if len(violations) > 1 or more else ""

@@ -185,14 +185,20 @@ class _Sink:
 
     def _run(self) -> None:
         while True:
-            request = self.wakeups.get()
+            requests = [self.wakeups.get()]
             # Gather before every write, also while lines keep coming: writing again at once
             # would turn a steady stream of lines into a steady fight for the GIL.
             time.sleep(GATHER_SECONDS)
             while self._write_pending():
                 time.sleep(GATHER_SECONDS)
-            if request is not None:
-                request.set()
+            # Wake-ups queued meanwhile: their lines went out with these writes or go with the
+            # last one (add() queues a line before its wake-up, flush() after its lines).
+            while not self.wakeups.empty():
+                requests.append(self.wakeups.get())
+            self._write_pending()
+            for request in requests:
+                if request is not None:
+                    request.set()
 
     def _write_pending(self) -> bool:
         with self.lock:

@@ -42,13 +42,12 @@ from server.errors import (
     InternalError,
     InvalidParameters,
     MethodNotAllowed,
-    NotFound,
 )
-from server.logs import log
+from server.logs import clip, log
 from server.responses import error_response, jsonrpc_error_response
-from server.runner import Runner
+from server.runner import Runner, unknown_tool
 from tools.base import JsonAnswer, Violation, as_json
-from tools.catalog import Entry
+from tools.catalog import Entry, inline_refs
 
 SETUP_HINT = (
     "This user has no Meta access token in funnelgate. An administrator can add one with "
@@ -56,8 +55,6 @@ SETUP_HINT = (
     "project's facebook_access_token."
 )
 
-# Caller text that reaches a log line or an error message is cut to this.
-TOOL_NAME_MAX_CHARS = 200
 
 # Every tool adds events to a pixel at Meta: it changes the world (not read-only), only by
 # adding (not destructive), outside funnelgate (open world). Not idempotent: a call without
@@ -73,7 +70,9 @@ def describe_tools(catalog: Mapping[str, Entry], openapi: Mapping[str, Any]) -> 
     answers JSON, so it promises openapi.json's `EventsReceived`; one with its own presenter
     may answer text (meta_send_conversion_event's markdown), and a schema would oblige every
     answer to carry structured content."""
-    events_received = openapi["components"]["schemas"]["EventsReceived"]
+    schemas = openapi["components"]["schemas"]
+    # An outputSchema stands alone: clients resolve `$ref` only within it.
+    events_received = inline_refs(schemas["EventsReceived"], schemas)
     return [
         types.Tool(
             name=name,
@@ -109,9 +108,9 @@ async def _call_tool(
     state = request.state
     runner: Runner = request.app.state.runner
     name = params.name
-    state.tool = name[:TOOL_NAME_MAX_CHARS]  # for the request log
+    state.tool = clip(name)  # for the request log
     if name not in runner.catalog:
-        unknown = NotFound(f"Unknown tool {name[:TOOL_NAME_MAX_CHARS]!r}.", code="UNKNOWN_TOOL")
+        unknown = unknown_tool(name)
         state.error_code = unknown.code
         raise MCPError(types.INVALID_PARAMS, unknown.message, data=unknown.body())
     arguments = params.arguments or {}
@@ -272,13 +271,12 @@ class McpEndpoint:
             return
         request.state.project_obj = project
         request.state.user_id = user_id
-        if request.method == "POST":
-            try:
-                _check_message(await read_json_body(request))
-            except FunnelgateError as exc:
-                request.state.error_code = exc.code
-                await jsonrpc_error_response(exc)(scope, receive, send)
-                return
-            receive = _replaying(b"".join(chunks), receive)
+        try:
+            _check_message(await read_json_body(request))
+        except FunnelgateError as exc:
+            request.state.error_code = exc.code
+            await jsonrpc_error_response(exc)(scope, receive, send)
+            return
+        receive = _replaying(b"".join(chunks), receive)
         manager: StreamableHTTPSessionManager = request.app.state.mcp
         await manager.handle_request(scope, receive, send)

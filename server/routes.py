@@ -41,8 +41,8 @@ async def _run(request: Request, name_key: str) -> Response:
         and tool_name in runner.catalog
         and "response_format" in runner.catalog[tool_name].schema.get("properties", {})
     ):
-        # Over HTTP the answer is JSON unless the caller asks for markdown: a client
-        # generated from openapi.json cannot parse text (MCP keeps seed 002's markdown).
+        # Over HTTP the answer is JSON unless the caller asks for markdown: a client generated
+        # from openapi.json cannot parse text (MCP keeps its markdown default: README, Tools).
         fmt = "markdown" if _prefers_markdown(request.headers.get("accept", "")) else "json"
         parameters = {**parameters, "response_format": fmt}
     answer = await runner.run(project, user_id, tool_name, parameters)

@@ -25,6 +25,11 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+def unknown_tool(name: str) -> NotFound:
+    """The caller's tool name, capped: it is caller text."""
+    return NotFound(f"Unknown tool {clip(name, 100)!r}.", code="UNKNOWN_TOOL")
+
+
 class Runner:
     def __init__(
         self,
@@ -47,7 +52,7 @@ class Runner:
         self._new_id = new_id
 
     def has_credential(self, project: Project, user_id: str) -> bool:
-        return bool(project.facebook_access_token or self._credentials.get(project.id, user_id))
+        return bool(project.facebook_access_token) or self._credentials.has(project.id, user_id)
 
     def access_token(self, project: Project, user_id: str) -> str:
         """The user's own credential wins over the project-wide token."""
@@ -60,7 +65,7 @@ class Runner:
         """Validated, mapped, hashed events for one call; no I/O."""
         entry = self.catalog.get(tool_name)
         if entry is None:
-            raise NotFound(f"Unknown tool {clip(tool_name, 100)!r}.", code="UNKNOWN_TOOL")
+            raise unknown_tool(tool_name)
         self._validators[tool_name].check(parameters)
         ctx = BuildContext(
             now=self._clock(),

@@ -8,7 +8,7 @@ still disagree the stricter one wins, and a test runs both over every pattern an
 Messages are written here rather than taken from jsonschema, whose text quotes the
 offending value (a customer's email, say): an error must never echo customer data.
 
-Before either runs, the nesting depth is checked (tools/limits.py: MAX_DEPTH), and at most
+Before either runs, every value's nesting and length is checked (tools/limits.py), and at most
 MAX_VIOLATIONS are listed, so a large invalid body costs a bounded amount of work.
 """
 
@@ -22,11 +22,9 @@ from typing import Any
 import jsonschema_rs
 from jsonschema import Draft202012Validator, ValidationError, validators
 
-from server.errors import InvalidParameters
+from server.errors import MAX_VIOLATIONS, InvalidParameters
 from tools.base import Violation
-from tools.limits import MAX_DEPTH
-
-MAX_VIOLATIONS = 100
+from tools.limits import MAX_ANY_STRING, MAX_DEPTH, MAX_ITEMS
 
 
 @lru_cache(maxsize=256)
@@ -62,24 +60,32 @@ _Reference = validators.extend(  # type: ignore[no-untyped-call]  # jsonschema i
 )
 
 
-def nesting_violation(parameters: Any, limit: int = MAX_DEPTH) -> Violation | None:
-    """The first container nested deeper than `limit` below the parameters, by path."""
-    if not _deeper_than(parameters, limit):  # the usual case: no paths built
+def shape_violation(parameters: Any) -> Violation | None:
+    """The first value, by path, that breaks the bounds every value keeps whatever its schema
+    says, free-form ones included (tools/limits.py): nesting, string length, list length."""
+    if _within_bounds(parameters):  # the usual case: no paths built
         return None
     stack: list[tuple[Any, int, str]] = [(parameters, 0, "parameters")]
     while stack:
         node, depth, path = stack.pop()
-        if depth >= limit:
-            return Violation(path, f"nests deeper than {limit} levels")
+        if isinstance(node, str):
+            if len(node) > MAX_ANY_STRING:
+                return Violation(path, f"must be at most {MAX_ANY_STRING} characters")
+            continue
+        if not isinstance(node, dict | list):
+            continue
+        if depth >= MAX_DEPTH:
+            return Violation(path, f"nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, list) and len(node) > MAX_ITEMS:
+            return Violation(path, f"must have at most {MAX_ITEMS} items")
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:
-            if isinstance(value, dict | list):
-                child = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
-                stack.append((value, depth + 1, child))
+            child = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+            stack.append((value, depth + 1, child))
     return None
 
 
-def _deeper_than(root: Any, limit: int) -> bool:
+def _within_bounds(root: Any) -> bool:
     # On every call's hot path: exact type checks and no generators (JSON gives dict and list).
     stack = [(root, 0)]
     while stack:
@@ -88,16 +94,20 @@ def _deeper_than(root: Any, limit: int) -> bool:
         if kind is dict:
             values = node.values()
         elif kind is list:
+            if len(node) > MAX_ITEMS:
+                return False
             values = node
         else:
             continue
-        if depth >= limit:
-            return True
+        if depth >= MAX_DEPTH:
+            return False
         for value in values:
             kind = type(value)
             if kind is dict or kind is list:
                 stack.append((value, depth + 1))
-    return False
+            elif kind is str and len(value) > MAX_ANY_STRING:
+                return False
+    return True
 
 
 class ParameterValidator:
@@ -108,8 +118,8 @@ class ParameterValidator:
 
     def check(self, parameters: Any) -> None:
         """Raise InvalidParameters listing the violations, or return for valid parameters."""
-        if (too_deep := nesting_violation(parameters)) is not None:
-            raise InvalidParameters([too_deep])
+        if (out_of_bounds := shape_violation(parameters)) is not None:
+            raise InvalidParameters([out_of_bounds])
         if self._fast.is_valid(parameters):
             return
         violations: set[Violation] = set()
@@ -124,10 +134,7 @@ class ParameterValidator:
                 Violation(_path(error.instance_path), "does not satisfy the schema")
                 for error in self._fast.iter_errors(parameters)
             }
-        ordered = sorted(violations, key=lambda v: v.path)
-        raise InvalidParameters(
-            ordered[:MAX_VIOLATIONS], more=more or len(ordered) > MAX_VIOLATIONS
-        )
+        raise InvalidParameters(sorted(violations, key=lambda v: v.path), more=more)
 
     def _explain(self, error: ValidationError) -> list[Violation]:
         path = _path(error.absolute_path)

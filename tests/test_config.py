@@ -227,3 +227,8 @@ def test_parse_config_without_a_file_names_the_table(rsa_key: rsa.RSAPrivateKey,
            "projects": [{"id": "p", "jwt_public_key": public_pem(rsa_key)}]}  # fmt: skip
     with pytest.raises(ConfigError, match=r"^config, \[storage\]: unknown key 'extra'"):
         parse_config(raw, base_dir=tmp_path, env={})
+
+
+def test_a_network_written_another_way_is_accepted_in_its_normal_form(write):
+    server = write('[server]\ntrusted_proxies = ["2001:DB8::/32", "10.0.0.0/08"]\n').server
+    assert server.trusted_proxies == ("2001:db8::/32", "10.0.0.0/8")

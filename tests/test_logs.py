@@ -332,3 +332,20 @@ def test_every_line_reaches_stderr_before_the_process_exits(how, code):
     assert child.returncode == code, child.stderr[-2000:]
     seen = [json.loads(line) for line in child.stderr.splitlines()]
     assert [line["n"] for line in seen] == list(range(10_000))
+
+
+def test_a_flush_after_a_long_steady_stream_returns_promptly(tmp_path):
+    """Wake-ups queued while lines kept coming must not each cost the next flush a gather."""
+    with (tmp_path / "log").open("w") as stream:
+        logs.configure(stream)
+        try:
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:  # a steady stream, as under load
+                logs.log("request", status=200)
+                time.sleep(0.001)
+            started = time.monotonic()
+            assert logs.flush(10)
+            assert time.monotonic() - started < 1.0  # gross: was ~1 s per second of traffic
+        finally:
+            logs.flush(5)
+            logs._sink.stream = None

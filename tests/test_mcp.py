@@ -31,7 +31,7 @@ from server.delivery.transport import Answer
 from tests.live import serving
 from tests.support import PIXEL, PROJECT, TRACE_ID, funnel_parameters, make_config
 from tests.support import WallClockGraph as FakeGraphServer
-from tools.catalog import load_openapi
+from tools.catalog import inline_refs, load_openapi
 
 OTHER_PROJECT = "project-without-token"
 LOG_PROJECT = "project-for-log-tests"  # the log is process-wide: its lines name the project
@@ -185,7 +185,9 @@ def test_every_tool_has_a_title_annotations_and_an_output_schema_for_json(mcp_ba
         return (await client.list_tools()).tools
 
     tools = anyio.run(with_client, f"{mcp_base}/projects/{PROJECT}/mcp", sign(), use, mode)
-    events_received = load_openapi()["components"]["schemas"]["EventsReceived"]
+    schemas = load_openapi()["components"]["schemas"]
+    events_received = inline_refs(schemas["EventsReceived"], schemas)
+    assert "$ref" not in json.dumps(events_received)  # a client resolves nothing outside it
     assert {t.name: t.title for t in tools} == {
         "FACEBOOK_ADS_SEND_FUNNEL_EVENT": "Send Funnel Event",
         "FACEBOOK_ADS_SEND_LEAD_EVENT": "Send Lead Event",
@@ -200,6 +202,24 @@ def test_every_tool_has_a_title_annotations_and_an_output_schema_for_json(mcp_ba
         # meta_send_conversion_event answers markdown unless asked for JSON: no schema to promise
         expected = None if tool.name == "meta_send_conversion_event" else events_received
         assert tool.output_schema == expected, tool.name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_answer_with_warnings_passes_the_clients_output_schema_check(
+    mcp_base, graph, sign, mode
+):
+    """The official client checks every result against the tool's outputSchema."""
+
+    async def use(client):
+        return await client.call_tool(
+            "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+            live_funnel_parameters(customerCountryCode=None, customerPhone="(650) 555-1212"),
+        )
+
+    result = anyio.run(with_client, f"{mcp_base}/projects/{PROJECT}/mcp", sign(), use, mode)
+    assert not result.is_error
+    [warning] = result.structured_content["warnings"]
+    assert warning["path"] == "parameters.customerPhone"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -535,7 +555,7 @@ def test_the_request_log_names_the_endpoint_the_tool_and_the_outcome(
         ("NO_SUCH_XXXXXXXXXXXXXXXXXX", "UNKNOWN_TOOL"),
     ]
     assert calls[0]["fbtrace_id"] == TRACE_ID  # the fake Graph's answer, as Meta's would be
-    assert len(calls[2]["tool"]) <= 200
+    assert len(calls[2]["tool"]) <= 300  # 256 and the "…(+N chars)" mark
 
 
 def test_a_refused_body_is_logged_with_its_code(mcp_base, sign, log_stream):

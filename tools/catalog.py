@@ -74,17 +74,17 @@ def tool_schema(schemas: dict[str, Any], tool: Tool) -> dict[str, Any]:
     for extension in tool.extensions:
         schema["properties"].update(copy.deepcopy(schemas[extension]["properties"]))
     schema["additionalProperties"] = False
-    resolved: dict[str, Any] = bounded(_inline_refs(schema, schemas))
+    resolved: dict[str, Any] = bounded(inline_refs(schema, schemas))
     return resolved
 
 
-def _inline_refs(node: Any, schemas: dict[str, Any]) -> Any:
+def inline_refs(node: Any, schemas: dict[str, Any]) -> Any:
     if isinstance(node, dict):
         if "$ref" in node:
             target = schemas[node["$ref"].rsplit("/", 1)[-1]]
             siblings = {k: v for k, v in node.items() if k != "$ref"}
-            return _inline_refs({**target, **siblings}, schemas)
-        return {key: _inline_refs(value, schemas) for key, value in node.items()}
+            return inline_refs({**target, **siblings}, schemas)
+        return {key: inline_refs(value, schemas) for key, value in node.items()}
     if isinstance(node, list):
-        return [_inline_refs(item, schemas) for item in node]
+        return [inline_refs(item, schemas) for item in node]
     return node

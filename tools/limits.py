@@ -13,6 +13,8 @@ from typing import Any
 EMAIL = 254
 URL = 4096
 DEFAULT_STRING = 1024
+# Any string, wherever it is (free-form values included): the longest a known field takes.
+MAX_ANY_STRING = 16384
 # Longest lengths by parameter name, camelCase and CAPI's snake_case alike. A hashed key takes
 # at least 64, room for a value already hashed (64-hex SHA-256), which passes through.
 STRING_LIMITS = {
@@ -31,7 +33,7 @@ STRING_LIMITS = {
     **dict.fromkeys(("eventTime",), 64),
     **dict.fromkeys(("pixel", "pixel_id"), 32),
     # A list of ids in one string: room for a cart of a few hundred ids.
-    "contentId": 16384,
+    "contentId": MAX_ANY_STRING,
 }
 # Arrays without a bound of their own: Meta takes at most 1,000 events, and lists in an event
 # (contents, content_ids) are far shorter in practice.

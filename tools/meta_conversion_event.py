@@ -67,7 +67,7 @@ def advice(parameters: Parameters) -> list[str]:
 
 TOOL = Tool(
     name=NAME,
-    title="Send Conversion Event (CAPI)",  # seed 002's display name: what its users know
+    title="Send Conversion Event (CAPI)",  # the name MCP hosts already show for this tool
     integration=FACEBOOK_ADS,
     description=(
         "Send a server-side conversion event to Meta using the Conversions API. Supports "

@@ -103,6 +103,13 @@ class CredentialStore:
             return None
         return self._keyring.open(row[0], row[1], _context(project_id, user_id)).decode()
 
+    def has(self, project_id: str, user_id: str) -> bool:
+        """Whether the user has a credential; opens nothing."""
+        row = self._db.execute(
+            "SELECT 1 FROM credentials WHERE project_id = ? AND user_id = ?", (project_id, user_id)
+        ).fetchone()
+        return row is not None
+
     def set(self, project_id: str, user_id: str, access_token: str) -> None:
         key, sealed = self._keyring.seal(access_token.encode(), _context(project_id, user_id))
         self._db.execute(
