@@ -245,7 +245,9 @@ def _credentials_set(args: argparse.Namespace) -> int:
 def _credentials_list(args: argparse.Namespace) -> int:
     config = _config(args)
     project = _project_id(config, args.project) if args.project else None
-    for info in _unverified(config).list(project):
+    with contextlib.closing(_unverified(config)) as store:
+        infos = store.list(project)
+    for info in infos:
         updated = datetime.fromtimestamp(info.updated_at, UTC).isoformat(timespec="seconds")
         print(f"{info.project_id}\t{info.user_id}\tupdated {updated}\tkey {info.key_id}")
     return 0
@@ -253,7 +255,9 @@ def _credentials_list(args: argparse.Namespace) -> int:
 
 def _credentials_remove(args: argparse.Namespace) -> int:
     config = _config(args)
-    if not _unverified(config).remove(_project_id(config, args.project), args.user):
+    with contextlib.closing(_unverified(config)) as store:
+        removed = store.remove(_project_id(config, args.project), args.user)
+    if not removed:
         print(f"no credential for user {args.user!r}", file=sys.stderr)
         return 1
     print(f"removed the credential of user {args.user!r}")

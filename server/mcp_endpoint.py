@@ -13,8 +13,8 @@ most 1 MiB counted while reading, parsed by orjson, which refuses `NaN`, `Infini
 `1e400` that the SDK's parsers accept (a `NaN` reached Meta as `null`). It must also be one
 JSON-RPC message: the SDK's own refusal of a malformed one quotes the values it was sent.
 The bounded body is then replayed to the SDK, which parses it again. The SDK keeps integers
-exact, so one beyond 64 bits (which Graph's serialiser cannot write) is refused as a tool
-error naming its path, for the model to correct.
+exact: one beyond 64 bits (which Graph's serialiser cannot write) is refused by the Runner's
+validation (server/validation.py) as a tool error naming its path, for the model to correct.
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ from server.errors import (
     FunnelgateError,
     IntegrationNotEnabled,
     InternalError,
-    InvalidParameters,
     MethodNotAllowed,
 )
 from server.logs import clip, log
 from server.responses import error_response, jsonrpc_error_response
 from server.runner import Runner, unknown_tool
-from tools.base import JsonAnswer, Violation, as_json
+from tools.base import JsonAnswer, as_json
 from tools.catalog import Entry, inline_refs
 
 SETUP_HINT = (
@@ -115,7 +114,6 @@ async def _call_tool(
         raise MCPError(types.INVALID_PARAMS, unknown.message, data=unknown.body())
     arguments = params.arguments or {}
     try:
-        _check_integers(arguments)
         answer = await runner.run(state.project_obj, state.user_id, name, arguments)
     except FunnelgateError as exc:
         state.error_code = exc.code
@@ -136,47 +134,6 @@ async def _call_tool(
             content=[types.TextContent(text=orjson.dumps(body).decode())], structured_content=body
         )
     return types.CallToolResult(content=[types.TextContent(text=answer.text)])
-
-
-# What orjson, and so Graph's request body, can hold: a signed or an unsigned 64-bit integer.
-INT_MIN, INT_MAX = -(2**63), 2**64 - 1
-
-_Link = tuple["_Link", str | int] | None  # (parent, key): a path, parent first
-
-
-def _check_integers(arguments: dict[str, Any]) -> None:
-    """Refuse an integer that Graph's request body could not carry, naming its path.
-
-    orjson writing the arguments (well under a millisecond for 1 MiB) is the common case's
-    whole cost; only when it fails are they walked, once, to find the integer. A failure with
-    no such integer (nesting too deep) is left to the Runner's own checks.
-    """
-    try:
-        orjson.dumps(arguments)
-    except TypeError:
-        pass
-    else:
-        return
-    # Each container with a link to its parent: a path is spelt out only for the culprit.
-    stack: list[tuple[Any, _Link]] = [(arguments, None)]
-    while stack:
-        node, link = stack.pop()
-        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
-            if isinstance(value, dict | list):
-                stack.append((value, (link, key)))
-            elif isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
-                path = _spell((link, key))
-                raise InvalidParameters([Violation(path, "is out of range (at most 64 bits)")])
-
-
-def _spell(link: _Link) -> str:
-    keys: list[str | int] = []
-    while link is not None:
-        link, key = link
-        keys.append(key)
-    return "parameters" + "".join(
-        f"[{key}]" if isinstance(key, int) else f".{key}" for key in reversed(keys)
-    )
 
 
 def _no_schema_check(_name: str) -> None:

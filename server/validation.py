@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 import jsonschema_rs
@@ -24,7 +25,13 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 
 from server.errors import MAX_VIOLATIONS, InvalidParameters
 from tools.base import Violation
-from tools.limits import MAX_ANY_STRING, MAX_DEPTH, MAX_ITEMS
+from tools.limits import (
+    MAX_ANY_INTEGER,
+    MAX_ANY_STRING,
+    MAX_DEPTH,
+    MAX_ITEMS,
+    MIN_ANY_INTEGER,
+)
 
 
 @lru_cache(maxsize=256)
@@ -62,7 +69,8 @@ _Reference = validators.extend(  # type: ignore[no-untyped-call]  # jsonschema i
 
 def shape_violation(parameters: Any) -> Violation | None:
     """The first value, by path, that breaks the bounds every value keeps whatever its schema
-    says, free-form ones included (tools/limits.py): nesting, string length, list length."""
+    says, free-form ones included (tools/limits.py): nesting, string and list length, and
+    integers Graph's JSON body can carry (the MCP SDK keeps integers of any size)."""
     if _within_bounds(parameters):  # the usual case: no paths built
         return None
     stack: list[tuple[Any, int, str]] = [(parameters, 0, "parameters")]
@@ -72,6 +80,8 @@ def shape_violation(parameters: Any) -> Violation | None:
             if len(node) > MAX_ANY_STRING:
                 return Violation(path, f"must be at most {MAX_ANY_STRING} characters")
             continue
+        if type(node) is int and not MIN_ANY_INTEGER <= node <= MAX_ANY_INTEGER:
+            return Violation(path, "is out of range (at most 64 bits)")
         if not isinstance(node, dict | list):
             continue
         if depth >= MAX_DEPTH:
@@ -105,7 +115,10 @@ def _within_bounds(root: Any) -> bool:
             kind = type(value)
             if kind is dict or kind is list:
                 stack.append((value, depth + 1))
-            elif kind is str and len(value) > MAX_ANY_STRING:
+            elif kind is str:
+                if len(value) > MAX_ANY_STRING:
+                    return False
+            elif kind is int and not MIN_ANY_INTEGER <= value <= MAX_ANY_INTEGER:
                 return False
     return True
 
@@ -130,9 +143,10 @@ class ParameterValidator:
                 break
             violations.update(self._explain(error))
         if not violations:  # only the fast validator objects: it is the stricter, so it wins
+            errors = islice(self._fast.iter_errors(parameters), MAX_VIOLATIONS + 1)
             violations = {
                 Violation(_path(error.instance_path), "does not satisfy the schema")
-                for error in self._fast.iter_errors(parameters)
+                for error in errors
             }
         raise InvalidParameters(sorted(violations, key=lambda v: v.path), more=more)
 

@@ -390,8 +390,7 @@ def _check_length(key: str, value: str) -> None:
 
 
 def _clean(key: str, value: str) -> str:
-    if len(value) > MAX_CHARS.get(key, 1024):
-        _check_length(key, value)  # raises
+    _check_length(key, value)
     text = value.strip().lower()
     if key in _NFC_KEYS and not text.isascii():
         return unicodedata.normalize("NFC", text)

@@ -40,7 +40,11 @@ STRING_LIMITS = {
 MAX_ITEMS = 1000
 # Free-form objects (custom_data's extra keys, app_data): keys at most.
 MAX_PROPERTIES = 100
-# Integers beyond 2**53 lose precision in JSON (RFC 7493 §2.2) and mean nothing to Meta.
+# Any integer, wherever it is (free-form values included): what the JSON body sent to Graph
+# (orjson) can carry, a signed or an unsigned 64-bit integer.
+MIN_ANY_INTEGER, MAX_ANY_INTEGER = -(2**63), 2**64 - 1
+# Integers of known fields: beyond 2**53 they lose precision in JSON (RFC 7493 §2.2) and mean
+# nothing to Meta.
 MAX_INTEGER = 2**53 - 1
 # Nesting of the parameters object, counted from it: the schemas need 5 (events[].custom_data.
 # contents[].x); free-form parts may nest a little more, never deep enough to endanger a parser.
