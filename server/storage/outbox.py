@@ -1,0 +1,448 @@
+"""The outbox: every event funnelgate has accepted and not yet finished with, on disk.
+
+A row holds the event as Meta receives it (customer data already hashed by tools/), the
+project and user it belongs to, and its delivery state; never an access token (the dispatcher
+resolves credentials when it sends) and never a raw e-mail or phone.
+
+States: `queued` (due at `next_at`), `held` (Meta refused its credential; waits for
+`funnelgate credentials set`), `delivered` and `failed` (kept `[storage] retention_days`).
+A claim is a lease: it moves `next_at` past the claim's end, so an event whose sender died
+is due again once the lease runs out, and is re-sent with the same event_id (Meta deduplicates
+on event_id + event_name: https://developers.facebook.com/docs/marketing-api/conversions-api/deduplicate-pixel-and-server-events).
+
+The statements are plain functions of a connection, so the server (through the group-commit
+writer, writer.py) and the CLI (its own connection) share them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from server.storage.writer import Writer, connect
+from tools.capi import MAX_AGE_SECONDS, MAX_AGE_SECONDS_PHYSICAL_STORE
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq             INTEGER PRIMARY KEY,
+    project_id      TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    event_id        TEXT NOT NULL,
+    event_name      TEXT NOT NULL,
+    pixel_id        TEXT NOT NULL,
+    test_event_code TEXT,
+    expires_at      REAL NOT NULL,  -- event_time + Meta's age limit: no use sending after it
+    status          TEXT NOT NULL,  -- queued | held | delivered | failed
+    attempts        INTEGER NOT NULL,
+    next_at         REAL NOT NULL,  -- when due; while claimed, the end of the lease
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    fbtrace_id      TEXT,
+    error           BLOB,           -- JSON: {code, message, upstream}
+    event           BLOB NOT NULL   -- the event as Meta receives it, JSON
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS outbox_event ON outbox (project_id, event_id);
+CREATE INDEX IF NOT EXISTS outbox_held ON outbox (project_id, user_id) WHERE status = 'held';
+CREATE INDEX IF NOT EXISTS outbox_done ON outbox (updated_at)
+    WHERE status IN ('delivered', 'failed');
+"""
+STATUSES = ("queued", "held", "delivered", "failed")
+PENDING = ("queued", "held")
+_COLUMNS = (
+    "seq, project_id, user_id, event_id, event_name, pixel_id, test_event_code, expires_at, "
+    "attempts, event"
+)
+
+
+def create_schema(db: sqlite3.Connection) -> None:
+    db.executescript(SCHEMA)
+
+
+def expires_at(event: dict[str, Any]) -> float:
+    """When Meta stops accepting the event (Meta's `event_time` limits:
+    https://developers.facebook.com/docs/marketing-api/conversions-api/parameters/server-event)."""
+    physical = event.get("action_source") == "physical_store"
+    return float(event["event_time"]) + (
+        MAX_AGE_SECONDS_PHYSICAL_STORE if physical else MAX_AGE_SECONDS
+    )
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """One event to enqueue."""
+
+    project_id: str
+    user_id: str
+    pixel_id: str
+    test_event_code: str | None
+    event: dict[str, Any]
+    data: bytes  # `event` as JSON
+
+
+@dataclass(frozen=True)
+class Claimed:
+    seq: int
+    project_id: str
+    user_id: str
+    event_id: str
+    event_name: str
+    pixel_id: str
+    test_event_code: str | None
+    expires_at: float
+    attempts: int
+    data: bytes
+
+
+def insert(
+    db: sqlite3.Connection,
+    events: Sequence[NewEvent],
+    *,
+    now: float,
+    next_at: float,
+    attempts: int = 0,
+    error: dict[str, Any] | None = None,
+) -> list[int]:
+    """The new rows' seqs, in order."""
+    error_json = orjson.dumps(error) if error else None
+    seqs: list[int] = []
+    for e in events:
+        row = db.execute(
+            "INSERT INTO outbox (project_id, user_id, event_id, event_name, pixel_id, "
+            "test_event_code, expires_at, status, attempts, next_at, created_at, updated_at, "
+            "error, event) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?) RETURNING seq",
+            (
+                e.project_id,
+                e.user_id,
+                str(e.event["event_id"]),
+                str(e.event["event_name"]),
+                e.pixel_id,
+                e.test_event_code,
+                expires_at(e.event),
+                attempts,
+                next_at,
+                now,
+                now,
+                error_json,
+                e.data,
+            ),
+        ).fetchone()
+        seqs.append(row[0])
+    return seqs
+
+
+def claim(db: sqlite3.Connection, *, now: float, lease_until: float, limit: int) -> list[Claimed]:
+    """Due events, oldest due first, leased until `lease_until`."""
+    rows = db.execute(
+        f"UPDATE outbox SET next_at = ? WHERE seq IN (SELECT seq FROM outbox "
+        f"WHERE status = 'queued' AND next_at <= ? ORDER BY next_at LIMIT ?) "
+        f"RETURNING {_COLUMNS}",
+        (lease_until, now, limit),
+    ).fetchall()
+    return [Claimed(*row) for row in rows]
+
+
+def next_due(db: sqlite3.Connection) -> float | None:
+    row = db.execute("SELECT min(next_at) FROM outbox WHERE status = 'queued'").fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+def pending_count(db: sqlite3.Connection) -> int:
+    return int(
+        db.execute("SELECT count(*) FROM outbox WHERE status IN ('queued', 'held')").fetchone()[0]
+    )
+
+
+def mark_delivered(
+    db: sqlite3.Connection, seqs: Iterable[int], *, now: float, fbtrace_id: str | None
+) -> int:
+    """Counts only rows that were still pending (a replayed or duplicate send changes none)."""
+    return _each(
+        db,
+        "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, updated_at = ?, "
+        "fbtrace_id = ?, error = NULL WHERE seq = ? AND status IN ('queued', 'held')",
+        [(now, fbtrace_id, seq) for seq in seqs],
+    )
+
+
+def mark_failed(
+    db: sqlite3.Connection,
+    seqs: Iterable[int],
+    *,
+    now: float,
+    error: dict[str, Any],
+    attempted: bool = True,
+) -> int:
+    return _each(
+        db,
+        "UPDATE outbox SET status = 'failed', attempts = attempts + ?, updated_at = ?, "
+        "error = ? WHERE seq = ? AND status IN ('queued', 'held')",
+        [(int(attempted), now, orjson.dumps(error), seq) for seq in seqs],
+    )
+
+
+def mark_held(
+    db: sqlite3.Connection, seqs: Iterable[int], *, now: float, error: dict[str, Any]
+) -> None:
+    _each(
+        db,
+        "UPDATE outbox SET status = 'held', attempts = attempts + 1, updated_at = ?, error = ? "
+        "WHERE seq = ? AND status = 'queued'",
+        [(now, orjson.dumps(error), seq) for seq in seqs],
+    )
+
+
+def reschedule(
+    db: sqlite3.Connection,
+    due: Iterable[tuple[int, float]],
+    *,
+    now: float,
+    error: dict[str, Any] | None,
+    attempted: bool = True,
+) -> None:
+    """(seq, next_at) pairs back to `queued`; `attempted` counts an attempt."""
+    error_json = orjson.dumps(error) if error else None
+    _each(
+        db,
+        "UPDATE outbox SET next_at = ?, attempts = attempts + ?, updated_at = ?, "
+        "error = coalesce(?, error) WHERE seq = ? AND status = 'queued'",
+        [(next_at, int(attempted), now, error_json, seq) for seq, next_at in due],
+    )
+
+
+def release_held(
+    db: sqlite3.Connection, *, now: float, project_id: str | None = None, user_id: str | None = None
+) -> int:
+    """Held events (all, a project's, or one user's) due again now."""
+    return db.execute(
+        "UPDATE outbox SET status = 'queued', next_at = ?, updated_at = ? WHERE status = 'held' "
+        "AND (?3 IS NULL OR project_id = ?3) AND (?4 IS NULL OR user_id = ?4)",
+        (now, now, project_id, user_id),
+    ).rowcount
+
+
+def fail_held(
+    db: sqlite3.Connection, *, now: float, project_id: str, user_id: str, error: dict[str, Any]
+) -> int:
+    return db.execute(
+        "UPDATE outbox SET status = 'failed', updated_at = ?, error = ? "
+        "WHERE status = 'held' AND project_id = ? AND user_id = ?",
+        (now, orjson.dumps(error), project_id, user_id),
+    ).rowcount
+
+
+def prune(db: sqlite3.Connection, *, before: float, limit: int = 5000) -> int:
+    """Deletes up to `limit` finished rows last changed before `before`."""
+    return db.execute(
+        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE status IN "
+        "('delivered', 'failed') AND updated_at < ? LIMIT ?)",
+        (before, limit),
+    ).rowcount
+
+
+def _each(db: sqlite3.Connection, statement: str, rows: list[tuple[Any, ...]]) -> int:
+    cursor = db.executemany(statement, rows)
+    return max(cursor.rowcount, 0)
+
+
+# --- reading: the status route and the CLI ---------------------------------------------------
+
+_STATUS_COLUMNS = (
+    "seq, project_id, user_id, event_id, event_name, pixel_id, status, attempts, next_at, "
+    "created_at, updated_at, fbtrace_id, error"
+)
+
+
+@dataclass(frozen=True)
+class EventStatus:
+    seq: int
+    project_id: str
+    user_id: str
+    event_id: str
+    event_name: str
+    pixel_id: str
+    status: str
+    attempts: int
+    next_at: float
+    created_at: float
+    updated_at: float
+    fbtrace_id: str | None
+    error: bytes | None
+
+    def public(self) -> dict[str, Any]:
+        """What the status route and `events list --json` show: ids, state, Meta's answer;
+        never the event's customer data. `held` shows as `queued` (it will be sent) with
+        `held: true`."""
+        body: dict[str, Any] = {
+            "event_id": self.event_id,
+            "event_name": self.event_name,
+            "pixel_id": self.pixel_id,
+            "status": "queued" if self.status == "held" else self.status,
+            "attempts": self.attempts,
+            "accepted_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+        if self.status == "held":
+            body["held"] = True
+        if self.status == "queued" and self.attempts:
+            body["next_attempt_at"] = _iso(self.next_at)
+        if self.fbtrace_id:
+            body["fbtrace_id"] = self.fbtrace_id
+        if self.error and self.status != "delivered":
+            body["error"] = orjson.loads(self.error)
+        return body
+
+
+def _iso(seconds: float) -> str:
+    import datetime  # noqa: PLC0415 - only the read side formats times
+
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def event_status(
+    db: sqlite3.Connection, project_id: str, user_id: str, event_id: str
+) -> EventStatus | None:
+    """The newest row of this user's event (a replay or a resend makes a new one)."""
+    row = db.execute(
+        f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE project_id = ? AND event_id = ? "
+        "AND user_id = ? ORDER BY seq DESC LIMIT 1",
+        (project_id, event_id, user_id),
+    ).fetchone()
+    return None if row is None else EventStatus(*row)
+
+
+def list_events(
+    db: sqlite3.Connection,
+    *,
+    project_id: str | None = None,
+    status: str | None = None,
+    since: float | None = None,
+    limit: int = 100,
+) -> list[EventStatus]:
+    """Newest first; `status` is one of STATUSES."""
+    rows = db.execute(
+        f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE (?1 IS NULL OR project_id = ?1) "
+        "AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR updated_at >= ?3) "
+        "ORDER BY seq DESC LIMIT ?4",
+        (project_id, status, since, limit),
+    ).fetchall()
+    return [EventStatus(*row) for row in rows]
+
+
+def stats(db: sqlite3.Connection, *, project_id: str | None = None) -> dict[str, Any]:
+    """Counts by status, the oldest pending event's acceptance time, and per pixel."""
+    by_status = dict.fromkeys(STATUSES, 0)
+    pixels: dict[str, dict[str, Any]] = {}
+    for pixel, status, count, oldest in db.execute(
+        "SELECT pixel_id, status, count(*), min(created_at) FROM outbox "
+        "WHERE ?1 IS NULL OR project_id = ?1 GROUP BY pixel_id, status",
+        (project_id,),
+    ):
+        by_status[status] = by_status.get(status, 0) + count
+        entry = pixels.setdefault(pixel, {**dict.fromkeys(STATUSES, 0), "oldest_pending": None})
+        entry[status] = count
+        if status in PENDING and (
+            entry["oldest_pending"] is None or oldest < entry["oldest_pending"]
+        ):
+            entry["oldest_pending"] = oldest
+    oldest_all = [p["oldest_pending"] for p in pixels.values() if p["oldest_pending"] is not None]
+    return {
+        "by_status": by_status,
+        "oldest_pending": min(oldest_all) if oldest_all else None,
+        "pixels": pixels,
+    }
+
+
+def replay(
+    db: sqlite3.Connection,
+    *,
+    now: float,
+    project_id: str | None = None,
+    event_ids: Sequence[str] = (),
+    all_failed: bool = False,
+    limit: int = 1000,
+) -> list[int]:
+    """Failed events (named, or all) queued again with the same event_id and body; the seqs
+    replayed. Each call does at most `limit`, so a long replay commits as it goes."""
+    if all_failed:
+        rows = db.execute(
+            "SELECT seq FROM outbox WHERE status = 'failed' AND (?1 IS NULL OR project_id = ?1) "
+            "ORDER BY seq LIMIT ?2",
+            (project_id, limit),
+        ).fetchall()
+    else:
+        rows = []
+        for event_id in event_ids[:limit]:
+            rows += db.execute(
+                "SELECT max(seq) FROM outbox WHERE status = 'failed' AND event_id = ? "
+                "AND (?2 IS NULL OR project_id = ?2) GROUP BY project_id, user_id",
+                (event_id, project_id),
+            ).fetchall()
+    seqs = [row[0] for row in rows]
+    db.executemany(
+        "UPDATE outbox SET status = 'queued', next_at = ?, attempts = 0, updated_at = ? "
+        "WHERE seq = ?",
+        [(now, now, seq) for seq in seqs],
+    )
+    return seqs
+
+
+T = TypeVar("T")
+
+
+class Outbox:
+    """The server's outbox: writes through the group-commit writer, reads on a connection of
+    their own (WAL readers never wait for the writer). `pending` counts queued and held rows,
+    kept in memory so the queue bound costs nothing per call."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float]) -> None:
+        self._read = connect(path)
+        try:
+            create_schema(self._read)
+            self.pending = pending_count(self._read)
+        except BaseException:
+            self._read.close()
+            raise
+        self._writer = Writer(path)
+        self.clock = clock
+
+    def close(self) -> None:
+        self._writer.close()
+        self._read.close()
+
+    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.run(job)
+
+    def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """A read on the loop: only primary-key and index lookups belong here."""
+        return job(self._read)
+
+    async def enqueue(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        next_at: float | None = None,
+        attempts: int = 0,
+        error: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Durable once this returns: the seqs of the new rows."""
+        now = self.clock()
+        due = now if next_at is None else next_at
+        self.pending += len(events)  # counted before the write: concurrent calls see it
+        try:
+            return await self.write(
+                lambda db: insert(db, events, now=now, next_at=due, attempts=attempts, error=error)
+            )
+        except Exception:  # not written (a cancelled caller's write still lands)
+            self.pending -= len(events)
+            raise
+
+    def finished(self, count: int) -> None:
+        """`count` pending rows became delivered or failed."""
+        self.pending = max(0, self.pending - count)

@@ -1,0 +1,115 @@
+"""Group commit: one thread owns the write connection, and every write waiting when it is free
+runs in one transaction, so many calls share one fsync.
+
+A caller's `await writer.run(job)` returns only after the transaction holding its job has
+committed; with `synchronous=FULL` in WAL mode that commit has reached the disk
+(https://www.sqlite.org/pragma.html#pragma_synchronous). Each job runs inside its own
+SAVEPOINT: a job that raises is rolled back alone, and the others in its batch still commit.
+SQLite releases the GIL while it steps and syncs, so the event loop keeps running meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], Any]
+_Waiting = tuple[Job, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+# Jobs per transaction: bounds how long one commit keeps the others waiting.
+MAX_JOBS_PER_COMMIT = 512
+_STOP = None
+
+
+def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    """A connection to the database file in WAL mode; autocommit unless a job says BEGIN."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout=5000")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    return db
+
+
+class Writer:
+    def __init__(self, path: Path) -> None:
+        self._db = connect(path)
+        self._queue: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="funnelgate-writer", daemon=True)
+        self._thread.start()
+
+    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """`job(connection)`'s result, once the transaction that ran it is on disk."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((job, loop, future))
+        return await future
+
+    def close(self) -> None:
+        """Commits what is queued, then closes the connection."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        self._db.close()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_JOBS_PER_COMMIT:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Waiting]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for job, _, future in batch:
+                self._db.execute("SAVEPOINT job")
+                try:
+                    result = job(self._db)
+                except Exception as exc:
+                    self._db.execute("ROLLBACK TO job")
+                    outcomes.append((future, None, exc))
+                else:
+                    outcomes.append((future, result, None))
+                self._db.execute("RELEASE job")
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:  # the disk or the lock failed: nothing of the batch holds
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            outcomes = [(future, None, exc) for _, _, future in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for (_, loop, _), outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append(outcome)
+        for loop, settled in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, settled)
+            except RuntimeError:  # that loop has closed: no one is waiting any more
+                pass
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in settled:
+        if future.done():  # its caller was cancelled meanwhile; the write stands
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
