@@ -139,7 +139,7 @@ def insert(
 def claim(db: sqlite3.Connection, *, now: float, lease_until: float, limit: int) -> list[Claimed]:
     """Due events, oldest due first, leased until `lease_until`."""
     rows = db.execute(
-        f"UPDATE outbox SET next_at = ? WHERE seq IN (SELECT seq FROM outbox "
+        f"UPDATE outbox SET next_at = ? WHERE seq IN (SELECT seq FROM outbox "  # noqa: S608
         f"WHERE status = 'queued' AND next_at <= ? ORDER BY next_at LIMIT ?) "
         f"RETURNING {_COLUMNS}",
         (lease_until, now, limit),
@@ -310,7 +310,7 @@ def event_status(
 ) -> EventStatus | None:
     """The newest row of this user's event (a replay or a resend makes a new one)."""
     row = db.execute(
-        f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE project_id = ? AND event_id = ? "
+        f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE project_id = ? AND event_id = ? "  # noqa: S608
         "AND user_id = ? ORDER BY seq DESC LIMIT 1",
         (project_id, event_id, user_id),
     ).fetchone()
@@ -327,7 +327,7 @@ def list_events(
 ) -> list[EventStatus]:
     """Newest first; `status` is one of STATUSES."""
     rows = db.execute(
-        f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE (?1 IS NULL OR project_id = ?1) "
+        f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE (?1 IS NULL OR project_id = ?1) "  # noqa: S608
         "AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR updated_at >= ?3) "
         "ORDER BY seq DESC LIMIT ?4",
         (project_id, status, since, limit),

@@ -11,6 +11,7 @@ SQLite releases the GIL while it steps and syncs, so the event loop keeps runnin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -99,10 +100,8 @@ class Writer:
         for (_, loop, _), outcome in zip(batch, outcomes, strict=True):
             by_loop.setdefault(loop, []).append(outcome)
         for loop, settled in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop closed: no one is waiting
                 loop.call_soon_threadsafe(_settle_all, settled)
-            except RuntimeError:  # that loop has closed: no one is waiting any more
-                pass
 
 
 def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
