@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 import httpx2
-import time
-
 import pytest
 from starlette.testclient import TestClient
 
