@@ -95,7 +95,7 @@ class Dispatcher:
         self._limit = config.delivery.max_concurrent_requests
         self._slots = asyncio.Semaphore(self._limit)
         self._in_flight: set[int] = set()  # seqs being sent: a re-claim must not send twice
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], list[int]] = {}  # sends, with their seqs
         self._freed = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -121,14 +121,16 @@ class Dispatcher:
         if self._main is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-        if self._in_flight:
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
+        unfinished = [seq for task in late for seq in self._tasks.get(task, ())]
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if unfinished:
             now = self._clock()
-            due = [(seq, now) for seq in self._in_flight]
+            due = [(seq, now) for seq in unfinished]
             await self._queue.write(
                 lambda db: outbox.reschedule(db, due, now=now, error=None, attempted=False)
             )
@@ -239,10 +241,10 @@ class Dispatcher:
         seqs = [row.seq for row in rows]
         self._in_flight.update(seqs)
         task = asyncio.create_task(self._send(key, rows))
-        self._tasks.add(task)
+        self._tasks[task] = seqs
 
         def done(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
+            self._tasks.pop(task, None)
             self._in_flight.difference_update(seqs)
             self._freed.set()
             if not task.cancelled() and task.exception() is not None:
