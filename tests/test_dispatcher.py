@@ -82,7 +82,7 @@ async def until(
     """Counts by status once `done(counts)` holds (bounded)."""
     deadline = time.monotonic() + seconds
     while True:
-        counts: dict[str, int] = queue.read(lambda db: outbox.stats(db))["by_status"]
+        counts: dict[str, int] = queue.read(outbox.stats)["by_status"]
         if done(counts) or time.monotonic() > deadline:
             return counts
         await asyncio.sleep(0.01)
