@@ -68,7 +68,7 @@ def mcp_config(tmp_path: Path, rsa_key, graph_url: str):
             OTHER_PROJECT: second,
             LOG_PROJECT: logged,
             QUEUED_PROJECT: queued,
-        },  # fmt: skip
+        },
     )
 
 
