@@ -165,14 +165,14 @@ class Runner:
         Nothing is sent or queued unless every check passed."""
         batch = self.prepare(project, tool_name, parameters, new_id=new_id)
         token = self.access_token(project, user_id)
-        try:
-            delivery = Delivery(batch, token, project.facebook_app_secret)
-        except orjson.JSONEncodeError:
-            raise InvalidParameters([Violation("parameters", "cannot be sent as JSON")]) from None
         if prefer.respond_async or self._config.delivery_mode(project) == "queued":
             await self._enqueue(project.id, user_id, batch)
             reason = "requested" if prefer.respond_async else "queued_mode"
             return Queued(batch.event_ids, reason, batch.warnings)
+        try:
+            delivery = Delivery(batch, token, project.facebook_app_secret)
+        except orjson.JSONEncodeError:
+            raise _not_json() from None
         budget = self._config.delivery.sync_budget_seconds
         if prefer.wait is not None:
             budget = min(budget, prefer.wait)
@@ -209,10 +209,15 @@ class Runner:
         limit = self._config.delivery.max_queued_events
         if self._queue.pending + len(batch.events) > limit:
             raise QueueFull(limit)
-        events = [
-            NewEvent(project_id, user_id, batch.pixel_id, batch.test_event_code, e, orjson.dumps(e))
-            for e in batch.events
-        ]
+        try:
+            events = [
+                NewEvent(
+                    project_id, user_id, batch.pixel_id, batch.test_event_code, e, orjson.dumps(e)
+                )
+                for e in batch.events
+            ]
+        except orjson.JSONEncodeError:
+            raise _not_json() from None
         seqs = await self._queue.enqueue(events, next_at=next_at, attempts=attempts, error=error)
         self._wake()
         return seqs
@@ -298,6 +303,10 @@ def _warnings(warnings: list[Violation]) -> dict[str, Any]:
     if not warnings:
         return {}
     return {"warnings": [{"path": w.path, "message": w.message} for w in warnings]}
+
+
+def _not_json() -> InvalidParameters:
+    return InvalidParameters([Violation("parameters", "cannot be sent as JSON")])
 
 
 def _observed(future: asyncio.Future[Any]) -> None:
