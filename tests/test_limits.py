@@ -4,6 +4,7 @@ the size of an error list. Patterns mean the same to both validators."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from server.validation import ParameterValidator, ecma_pattern
 from tests.support import PIXEL, PROJECT, funnel_parameters
 from tools.catalog import OPENAPI_PATH, load_catalog
-from tools.limits import MAX_DEPTH
+from tools.limits import ANY_JSON, MAX_ANY_INTEGER, MAX_DEPTH, MIN_ANY_INTEGER
 
 URL = f"/projects/{PROJECT}/tools"
 CATALOG = load_catalog()
@@ -37,33 +38,56 @@ def snake_event(**custom: Any) -> dict[str, Any]:
             "user_data": {"em": "a@example.com", "client_user_agent": "UA"}, **custom}  # fmt: skip
 
 
-def strings_and_integers(node: Any, name: str = "") -> list[tuple[str, dict[str, Any]]]:
-    found: list[tuple[str, dict[str, Any]]] = []
+def typed_nodes(node: Any, name: str = "") -> list[tuple[str, set[str], dict[str, Any]]]:
+    """Every schema node with a type, by the property it describes (free-form ones by
+    their `$defs` name), with its types."""
+    found: list[tuple[str, set[str], dict[str, Any]]] = []
     if isinstance(node, dict):
         types = node.get("type")
         types = set(types) if isinstance(types, list) else {types}
-        if types & {"string", "integer"}:
-            found.append((name, node))
+        if types - {None}:
+            found.append((name, types, node))
         for key, value in node.items():
             if key == "properties":
                 for prop, schema in value.items():
-                    found += strings_and_integers(schema, prop)
+                    found += typed_nodes(schema, prop)
+            elif key == "$defs":
+                for definition, schema in value.items():
+                    found += typed_nodes(schema, definition)
             elif key in ("items", "oneOf", "anyOf", "additionalProperties"):
-                found += strings_and_integers(value, name)
+                found += typed_nodes(value, name)
     elif isinstance(node, list):
         for item in node:
-            found += strings_and_integers(item, name)
+            found += typed_nodes(item, name)
     return found
 
 
 @pytest.mark.parametrize("tool", list(CATALOG))
-def test_every_string_has_a_length_and_every_integer_a_range(tool):
-    nodes = strings_and_integers(CATALOG[tool].schema)
-    assert nodes
-    for name, node in nodes:
-        assert "maxLength" in node or "enum" in node or node.get("type") == "integer", name
-        if node.get("type") == "integer":
-            assert "maximum" in node, name
+def test_every_string_array_object_and_number_is_bounded(tool):
+    nodes = typed_nodes(CATALOG[tool].schema)
+    assert ANY_JSON in {name for name, _, _ in nodes}
+    for name, types, node in nodes:
+        if "string" in types:
+            assert "maxLength" in node or "enum" in node, name
+        if types & {"number", "integer"}:
+            assert "maximum" in node and "minimum" in node, name
+        if "array" in types:
+            assert "maxItems" in node, name
+        if "object" in types:
+            # Closed to unknown keys, or every extra key bounded: no `true`, no open schema.
+            extra = node.get("additionalProperties", True)
+            assert extra is False or ("maxProperties" in node and "$ref" in extra), name
+
+
+@pytest.mark.parametrize("tool", list(CATALOG))
+def test_free_form_values_refer_to_a_definition_in_the_schema_itself(tool):
+    """The schema stands alone (List Tools, MCP inputSchema): every $ref is to its $defs."""
+    schema = dict(CATALOG[tool].schema)
+    definitions = schema.pop("$defs")
+    assert set(definitions) == {ANY_JSON}
+    for node in (schema, definitions):
+        refs = re.findall(r'"\$ref": "([^"]+)"', json.dumps(node))
+        assert refs and set(refs) == {f"#/$defs/{ANY_JSON}"}
 
 
 def test_a_long_value_is_refused_by_its_length_before_any_check_runs(client, graph, sign):
@@ -120,10 +144,13 @@ def test_a_huge_invalid_body_lists_at_most_100_violations(client, graph, sign):
     assert elapsed < 1.0  # gross: today's main took 1.3 s and answered 7.9 MB
 
 
-def test_an_out_of_range_integer_is_refused(client, graph, sign):
-    response = run(client, sign, funnel_parameters(numItems=2**70))
+@pytest.mark.parametrize(
+    ("field", "number"), [("numItems", 2**70), ("value", 2**53), ("value", -1e300)]
+)
+def test_an_out_of_range_number_is_refused(client, graph, sign, field, number):
+    response = run(client, sign, funnel_parameters(**{field: number}))
     assert response.status_code == 400
-    assert response.json()["errors"][0]["path"] == "parameters.numItems"
+    assert response.json()["errors"][0]["path"] == f"parameters.{field}"
     assert graph.received == []
 
 
@@ -198,7 +225,15 @@ def test_violations_found_by_meta_rules_are_capped_too(client, graph, sign):
     [("x" * 20_000, "parameters.custom_data.note", "must be at most 16384 characters"),
      (list(range(1001)), "parameters.custom_data.note", "must have at most 1000 items"),
      ([{"deep": ["y" * 20_000]}], "parameters.custom_data.note[0].deep[0]",
-      "must be at most 16384 characters")],
+      "must be at most 16384 characters"),
+     # Beyond 64 bits, JSON's integers reach the server as floats (orjson): the schema's
+     # range refuses them then, as openapi.json states it.
+     (2**70, "parameters.custom_data.note", f"must be at most {MAX_ANY_INTEGER}"),
+     ([{"k": -(2**63) - 1}], "parameters.custom_data.note[0].k",
+      f"must be at least {MIN_ANY_INTEGER + 1}"),
+     (1e300, "parameters.custom_data.note", f"must be at most {MAX_ANY_INTEGER}"),
+     ({f"k{i}": i for i in range(101)}, "parameters.custom_data.note",
+      "must have at most 100 keys")],
 )  # fmt: skip
 def test_free_form_values_are_bounded_too(client, graph, sign, value, path, message):
     response = run(client, sign, snake_event(custom_data={"note": value}),

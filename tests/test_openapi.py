@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import random
 import re
 import sqlite3
 import subprocess
@@ -27,11 +28,12 @@ from server import errors
 from server.app import create_app
 from server.errors import InvalidParameters
 from server.storage import outbox
-from server.validation import ParameterValidator
+from server.validation import ParameterValidator, shape_violation
 from tests.live import serving
-from tests.support import NOW, PIXEL, PROJECT, FakeGraph, funnel_parameters
-from tools.catalog import OPENAPI_PATH
+from tests.support import NOW, PIXEL, PROJECT, FakeGraph, Step, funnel_parameters, graph_error
+from tools.catalog import OPENAPI_PATH, load_openapi, served_openapi
 from tools.catalog import load_catalog as load_tools
+from tools.limits import MAX_ANY_STRING, MAX_DEPTH, MAX_ITEMS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = json.loads(OPENAPI_PATH.read_text())
@@ -49,14 +51,18 @@ def test_document_is_valid_openapi():
 
 def served_document(*, sandbox: bool) -> dict[str, Any]:
     """What the server should serve: openapi.json with each tool's parameters schema replaced
-    by the one Run Tool validates (funnelgate's bounds included), and /sandbox/events only
-    when the sandbox is on."""
+    by the one Run Tool validates (funnelgate's bounds included), its `$defs` (free-form
+    values) as components, and /sandbox/events only when the sandbox is on."""
     document = copy.deepcopy(DOCUMENT)
     schemas = document["components"]["schemas"]
     tools = load_tools()
     for tool, call in schemas["RunToolRequest"]["discriminator"]["mapping"].items():
         parameters = schemas[call.rsplit("/", 1)[-1]]["properties"]["parameters"]["$ref"]
-        schemas[parameters.rsplit("/", 1)[-1]] = tools[tool].schema
+        text = json.dumps(tools[tool].schema).replace('"#/$defs/', '"#/components/schemas/')
+        schema = json.loads(text)
+        for name, definition in schema.pop("$defs").items():
+            assert schemas.setdefault(name, definition) == definition  # one meaning per name
+        schemas[parameters.rsplit("/", 1)[-1]] = schema
     if not sandbox:
         del document["paths"][SANDBOX_PATH]
     return dict(document)
@@ -171,6 +177,119 @@ def test_each_tool_name_decides_the_schema_of_its_parameters(path):
             assert not request.is_valid({key: other, "parameters": parameters}), (tool_name, other)
 
 
+# Free-form values (extra keys of custom_data and contents[] items, app_data): the served
+# document states the bounds the server keeps on every value, at every depth.
+FREE_FORM_SITES = {
+    "FACEBOOK_ADS_SEND_FUNNEL_EVENT": ["contents[0]"],
+    "FACEBOOK_ADS_SEND_LEAD_EVENT": ["contents[0]"],
+    "meta_send_conversion_event": ["custom_data", "custom_data.contents[0]", "app_data"],
+    "FACEBOOK_ADS_SEND_EVENTS": ["events[0].custom_data", "events[0].custom_data.contents[0]",
+                                 "events[0].app_data"],
+}  # fmt: skip
+
+
+def _with_free_value(tool: str, site: str, value: Any) -> tuple[dict[str, Any], int]:
+    """The tool's sample parameters with `value` under key "x" of the object at `site`,
+    and the depth of that value as server/validation.py counts it (parameters at 0)."""
+    parameters = copy.deepcopy(SAMPLE_PARAMETERS[tool])
+    node: Any = parameters
+    depth = 1
+    for part in site.split("."):
+        name, _, index = part.partition("[")
+        node = node.setdefault(name, [] if index else {})
+        depth += 1
+        if index:
+            if not node:
+                node.append({"id": "A", "quantity": 1})
+            node = node[int(index.rstrip("]"))]
+            depth += 1
+    node["x"] = value
+    return parameters, depth
+
+
+def _nested(levels: int, leaf: Any = "x") -> Any:
+    """`levels` containers (objects and arrays in turn) around `leaf`."""
+    for level in range(levels):
+        leaf = {"k": leaf} if level % 2 else [leaf]
+    return leaf
+
+
+def _free_values(depth: int) -> list[tuple[Any, bool]]:
+    """Values either side of every bound, for a value at `depth`, each with its verdict."""
+    room = MAX_DEPTH - depth  # containers that still fit around a scalar
+    return [
+        (None, True), (True, True), (0.5, True), (-1e300, False), (2**53, True),
+        (2**64 - 1, True), (2**64, False), (2**70, False),
+        # -(2**63) - 1 reaches the server over HTTP as the float -(2**63): both are refused.
+        (-(2**63) + 1, True), (-(2**63), False), (-(2**63) - 1, False), (-(2**70), False),
+        ("s" * MAX_ANY_STRING, True), ("s" * (MAX_ANY_STRING + 1), False),
+        ([0] * MAX_ITEMS, True), ([0] * (MAX_ITEMS + 1), False),
+        ({f"k{i}": i for i in range(100)}, True), ({f"k{i}": i for i in range(101)}, False),
+        (_nested(room), True), (_nested(room - 1, {"k": 2**64}), False),
+        (_nested(room - 1, ["s" * (MAX_ANY_STRING + 1)]), False),
+        (_nested(room - 1, {f"k{i}": i for i in range(101)}), False),
+        ({"k": [None, {"k": [-(2**70)]}]}, False),
+    ]  # fmt: skip
+
+
+def _random_json(rng: random.Random, depth: int) -> Any:
+    """A JSON value within MAX_DEPTH, integers of any size included."""
+    kind = rng.choice("nbifsao" if depth < MAX_DEPTH else "nbifs")
+    if kind == "n":
+        return None
+    if kind == "b":
+        return rng.random() < 0.5
+    if kind == "i":
+        return rng.choice([1, -1]) * rng.getrandbits(rng.choice([8, 53, 63, 64, 65, 90]))
+    if kind == "f":
+        return rng.uniform(-1, 1) * 10 ** rng.randint(0, 25)
+    if kind == "s":
+        return "s" * rng.choice([0, 3, MAX_ANY_STRING, MAX_ANY_STRING + 1])
+    size = rng.randint(0, 3)
+    if kind == "a":
+        return [_random_json(rng, depth + 1) for _ in range(size)]
+    return {f"k{i}": _random_json(rng, depth + 1) for i in range(size)}
+
+
+def _accepts(validator: ParameterValidator, parameters: Any) -> bool:
+    try:
+        validator.check(parameters)
+    except InvalidParameters:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("tool", "site"), [(t, s) for t, sites in FREE_FORM_SITES.items()
+                                            for s in sites])  # fmt: skip
+def test_the_served_document_bounds_free_form_values_as_the_server_does(tool, site):
+    """What the served document accepts the server accepts, and both refuse the same values:
+    server/validation.py's bounds on every value, at any depth. The nesting bound is the one
+    the document states in words only (AnyBoundedJson's description)."""
+    document = served_openapi(load_openapi(), load_tools(), sandbox=False)
+    request = Draft202012Validator({**document, "$ref": "#/components/schemas/RunToolRequest"})
+    server = ParameterValidator(tool, load_tools()[tool].schema)
+    _, depth = _with_free_value(tool, site, None)
+    for value, expected in _free_values(depth):
+        parameters, _ = _with_free_value(tool, site, value)
+        served = request.is_valid({"tool": tool, "parameters": parameters})
+        assert (served, _accepts(server, parameters)) == (expected, expected), str(value)[:200]
+    rng = random.Random(f"{tool} {site}")
+    verdicts = []
+    for _ in range(300):
+        parameters, _ = _with_free_value(tool, site, value := _random_json(rng, depth))
+        served = request.is_valid({"tool": tool, "parameters": parameters})
+        assert served == _accepts(server, parameters), str(value)[:200]
+        verdicts.append(served)
+    assert min(verdicts.count(True), verdicts.count(False)) >= 30  # both outcomes, often
+    # Deeper than MAX_DEPTH: the server refuses what the document's schema lets through.
+    too_deep, _ = _with_free_value(tool, site, _nested(MAX_DEPTH - depth + 1))
+    assert request.is_valid({"tool": tool, "parameters": too_deep})
+    violation = shape_violation(too_deep)
+    assert violation is not None and violation.message == f"nests deeper than {MAX_DEPTH} levels"
+    described = document["components"]["schemas"]["AnyBoundedJson"]["description"]
+    assert f"nested at most {MAX_DEPTH} levels deep" in described
+
+
 def test_no_schema_enumerates_booleans():
     """`enum: [true]` breaks openapi-generator; a boolean constant is `const`."""
 
@@ -210,11 +329,16 @@ def test_run_tool_documents_every_status_the_server_can_answer():
         cls.status for cls in vars(errors).values()
         if isinstance(cls, type) and issubclass(cls, errors.FunnelgateError)
     }  # fmt: skip
-    # 504: a Graph timeout (UpstreamUnavailable's status then); 429 and 503: the limits on calls;
-    # 202: queued; 409 and 422: Idempotency-Key's in progress and reused.
-    expected = {200, 202} | error_statuses | {409, 422, 429, 503, 504}
+    # 429 and 503: the limits on calls; 202: queued (also when Meta is unavailable, so no 504);
+    # 409 and 422: Idempotency-Key's in progress and reused.
+    expected = {200, 202} | error_statuses | {409, 422, 429, 503}
     for path in RUN_PATHS:
-        assert {int(s) for s in _responses(path, "post")} == expected, path
+        responses = _responses(path, "post")
+        assert {int(s) for s in responses} == expected, path
+        # Meta being unavailable is a 202: a 502 is only ever a refused credential.
+        assert re.findall(r"UPSTREAM_[A-Z]+", responses["502"]["description"]) == ["UPSTREAM_AUTH"]
+        assert "Retry-After" not in responses["502"].get("headers", {})
+        assert "meta_unavailable" in responses["202"]["description"]
 
 
 def test_mcp_documents_the_streamable_http_statuses():
@@ -234,7 +358,7 @@ def test_retryable_and_unauthorized_answers_document_their_headers():
     for path, item in DOCUMENT["paths"].items():
         for method in item:
             responses = _responses(path, method)
-            for status in ("409", "429", "503", "504"):
+            for status in ("409", "429", "503"):
                 if status in responses:
                     assert _header(responses[status], "Retry-After")["required"] is True
             if "401" in responses:
@@ -328,10 +452,39 @@ def test_the_queued_body_validates():
     assert _is_valid("Queued", {**QUEUED, "reason": "meta_unavailable",
                                 "warnings": [{"path": "parameters.customerPhone",
                                               "message": "has no country code"}]})  # fmt: skip
+    unavailable = {"code": "UPSTREAM_UNAVAILABLE", "message": "Graph answered 503.",
+                   "upstream": {"http_status": 503, "attempts": 2}}  # fmt: skip
+    assert _is_valid("Queued", {**QUEUED, "reason": "meta_unavailable", "upstream": unavailable})
+    assert not _is_valid("Queued", {**QUEUED, "upstream": {**unavailable, "code": "MYSTERY"}})
     for broken in ({**QUEUED, "status": "accepted"}, {**QUEUED, "event_ids": []},
                    {**QUEUED, "event_ids": [1001]}, {**QUEUED, "events_received": "2"},
                    {k: v for k, v in QUEUED.items() if k != "status_url"}):  # fmt: skip
         assert not _is_valid("Queued", broken), broken
+
+
+@pytest.mark.parametrize(
+    ("answers", "status", "schema"),
+    [([graph_error(400, 17)], 202, "Queued"),  # throttled
+     ([Step(503, content=b"<html>busy</html>")] * 50, 202, "Queued"),
+     ([Step(delay=1.0)] * 20, 202, "Queued"),  # timeouts
+     ([graph_error(400, 190)], 502, "Error")],
+)  # fmt: skip
+def test_meta_being_unavailable_answers_the_documented_202(make_client, graph, sign, answers,
+                                                            status, schema):  # fmt: skip
+    """In sync mode, Meta's 5xx, timeouts and throttling queue the events (202, Queued with
+    `upstream` when Meta answered); only a refused credential is a 502."""
+    client = make_client(graph_settings={"timeout_seconds": 0.05},
+                         delivery_settings={"sync_budget_seconds": 0.4})  # fmt: skip
+    graph.script.extend(answers)
+    response = client.post(f"/projects/{PROJECT}/tools", headers={"Authorization": f"Bearer {sign()}"},
+                           json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+                                 "parameters": funnel_parameters()})  # fmt: skip
+    assert response.status_code == status, response.text
+    assert _is_valid(schema, response.json()), response.text
+    if status == 202:
+        assert response.json()["reason"] == "meta_unavailable"
+    else:
+        assert response.json()["code"] == "UPSTREAM_AUTH"
 
 
 def test_the_status_route_is_documented():

@@ -11,7 +11,9 @@ state (the event time window, a website event's URL and user agent, baseline cus
 matching, a valid email or IP address; openapi.json says so). `meta_rules_only` keeps that
 from hiding a contract gap: such a 400 must carry INVALID_PARAMETERS, and the server's own
 schema validator must accept the parameters, so every violation is one of Meta's rules and
-none is a disagreement between openapi.json and the schema the server validates against.
+none is a disagreement between openapi.json and the schema the server validates against. The
+one bound the document states in words only is the nesting of free-form values (AnyBoundedJson:
+JSON Schema cannot count depth), so a value nested too deep is Meta's rules' peer here.
 """
 
 from __future__ import annotations
@@ -35,8 +37,13 @@ from server.validation import ParameterValidator
 from tests.live import serving
 from tests.support import PROJECT, WallClockGraph, make_config
 from tools.catalog import load_catalog as load_tools
+from tools.limits import MAX_DEPTH
 
 RUN_OPERATIONS = ("runTool", "runAction")
+# A schema-valid call may still be refused: Meta's rules (400), an Idempotency-Key in use (409)
+# or reused with another body (422), the limits on calls (429, 503).
+RUN_STATUSES = ["2xx", "400", "401", "404", "409", "422", "429", "5xx"]
+TOO_DEEP = f"nests deeper than {MAX_DEPTH} levels"  # server/validation.py's shape check
 VALIDATORS = {name: ParameterValidator(name, tool.schema) for name, tool in load_tools().items()}
 
 
@@ -55,6 +62,8 @@ def meta_rules_only(ctx: Any, response: Any, case: Any) -> bool | None:
     try:
         VALIDATORS[name].check(case.body["parameters"])
     except InvalidParameters as exc:
+        if [v.message for v in exc.violations] == [TOO_DEEP]:
+            return True
         raise AssertionError(
             f"openapi.json accepts parameters that the server's schema for {name} refuses: "
             f"{[(v.path, v.message) for v in exc.violations]}"
@@ -77,11 +86,7 @@ def contract_failures(base_url: str, token: str, only_path: str | None = None) -
         settings["operations"] = [
             {
                 "include-operation-id": list(RUN_OPERATIONS),
-                "checks": {
-                    "positive_data_acceptance": {
-                        "expected-statuses": ["2xx", "400", "401", "404", "429", "5xx"]
-                    }
-                },
+                "checks": {"positive_data_acceptance": {"expected-statuses": RUN_STATUSES}},
             }
         ]
     config = schemathesis.Config.from_dict(settings)
@@ -117,7 +122,8 @@ def contract_failures(base_url: str, token: str, only_path: str | None = None) -
         elif isinstance(event, events.EngineFinished):
             finished = event
     assert finished is not None and not errors, errors
-    assert tested == operations
+    # (the stateful phase follows the 202's Location to the status route: a scenario of its own)
+    assert tested - {"Stateful tests"} == operations
     return [*failures.values(), *(f"{f.title}: {f.message}" for f in finished.failures)]
 
 

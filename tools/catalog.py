@@ -3,7 +3,8 @@
 openapi.json is the single source of every schema. A tool's schema is its component
 (`components.schemas[<tool.schema>]`, the published one verbatim for ActionKit tools), plus the
 properties of any extension components it names, with `$ref`s inlined so the result stands
-alone (List Tools, MCP inputSchema). That merged schema is exactly what Run Tool validates.
+alone (List Tools, MCP inputSchema), bounded (tools/limits.py: free-form values refer to the
+schema's own `$defs`). That merged schema is exactly what Run Tool validates.
 """
 
 from __future__ import annotations
@@ -52,12 +53,18 @@ def served_openapi(
 ) -> dict[str, Any]:
     """openapi.json as the server states it: each tool's parameters schema (found through
     RunToolRequest's discriminator) is the one Run Tool validates, bounds included, so clients
-    and schemathesis see the real contract; /sandbox/events is listed only when served."""
+    and schemathesis see the real contract; /sandbox/events is listed only when served.
+
+    A tool schema's `$defs` become components (the same names in every tool define the same
+    values): inside the document, `#/$defs/...` would point at the document's root."""
     document = copy.deepcopy(openapi)
     schemas = document["components"]["schemas"]
     for name, call in schemas["RunToolRequest"]["discriminator"]["mapping"].items():
         parameters = schemas[_component(call)]["properties"]["parameters"]["$ref"]
-        schemas[_component(parameters)] = dict(catalog[name].schema)
+        schema = dict(catalog[name].schema)
+        for definition, value in schema.pop("$defs", {}).items():
+            schemas[definition] = _components_refs(value)
+        schemas[_component(parameters)] = _components_refs(schema)
     if not sandbox:
         del document["paths"]["/sandbox/events"]
     return document
@@ -65,6 +72,20 @@ def served_openapi(
 
 def _component(ref: str) -> str:
     return ref.rsplit("/", 1)[-1]
+
+
+def _components_refs(node: Any) -> Any:
+    """A copy of `node` with its `#/$defs/X` references pointing at `#/components/schemas/X`."""
+    if isinstance(node, dict):
+        return {
+            key: "#/components/schemas/" + _component(value)
+            if key == "$ref" and value.startswith("#/$defs/")
+            else _components_refs(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_components_refs(item) for item in node]
+    return node
 
 
 def tool_schema(schemas: dict[str, Any], tool: Tool) -> dict[str, Any]:

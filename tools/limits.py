@@ -7,6 +7,7 @@ standard or Meta sets one, a generous default elsewhere. The README's "Limits" t
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 # RFC 5321 §4.5.3.1: a path (an address) is at most 256 octets with its angle brackets.
@@ -43,27 +44,60 @@ MAX_PROPERTIES = 100
 # Any integer, wherever it is (free-form values included): what the JSON body sent to Graph
 # (orjson) can carry, a signed or an unsigned 64-bit integer.
 MIN_ANY_INTEGER, MAX_ANY_INTEGER = -(2**63), 2**64 - 1
-# Integers of known fields: beyond 2**53 they lose precision in JSON (RFC 7493 §2.2) and mean
-# nothing to Meta.
+# Numbers of known fields: integers beyond 2**53 lose precision in JSON (RFC 7493 §2.2), and no
+# amount, count or time Meta takes comes near it.
 MAX_INTEGER = 2**53 - 1
 # Nesting of the parameters object, counted from it: the schemas need 5 (events[].custom_data.
 # contents[].x); free-form parts may nest a little more, never deep enough to endanger a parser.
 MAX_DEPTH = 16
 
 
-def bounded(node: Any, name: str = "") -> Any:
-    """A copy of a JSON Schema with a length, count or range on every string, array, free
-    object and integer that has none; `name` is the property the node describes."""
+# The definition (`$defs`) of a free-form value, recursive: extra keys of custom_data and of
+# contents[] items, app_data. A chain of one definition per depth would state MAX_DEPTH too, but
+# tools that walk a schema's branches (schemathesis' coverage phase) take exponential time on it;
+# the server checks the nesting (server/validation.py `shape_violation`) and the text says so.
+ANY_JSON = "AnyBoundedJson"
+ANY_JSON_SCHEMA: dict[str, Any] = {
+    "description": (
+        f"Any JSON value within the bounds of every value: strings at most {MAX_ANY_STRING} "
+        f"characters, arrays at most {MAX_ITEMS} items, objects at most {MAX_PROPERTIES} keys, "
+        "numbers within 64 bits, and nested at most "
+        f"{MAX_DEPTH} levels deep counted from `parameters` (checked by the server)."
+    ),
+    "type": ["null", "boolean", "number", "string", "array", "object"],
+    "maxLength": MAX_ANY_STRING,
+    # Not MIN_ANY_INTEGER itself: a JSON integer just below it reaches the server as the float
+    # it rounds to (orjson parses integers beyond 64 bits as floats), -2**63 exactly.
+    "minimum": MIN_ANY_INTEGER + 1,
+    "maximum": MAX_ANY_INTEGER,
+    "maxItems": MAX_ITEMS,
+    "items": {"$ref": f"#/$defs/{ANY_JSON}"},
+    "maxProperties": MAX_PROPERTIES,
+    "additionalProperties": {"$ref": f"#/$defs/{ANY_JSON}"},
+}
+
+
+def bounded(schema: Any) -> Any:
+    """A copy of a tool's parameters schema with a length, count or range on every string,
+    array, object and number that has none. A free-form value (an extra key of an object whose
+    `additionalProperties` is not false) is an AnyBoundedJson, defined in the schema's `$defs`."""
+    out: dict[str, Any] = _bounded(schema, "")
+    out["$defs"] = {ANY_JSON: copy.deepcopy(ANY_JSON_SCHEMA)}
+    return out
+
+
+def _bounded(node: Any, name: str) -> Any:
+    """`node` bounded; `name` is the property it describes."""
     if isinstance(node, list):
-        return [bounded(item, name) for item in node]
+        return [_bounded(item, name) for item in node]
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key == "properties":
-            out[key] = {prop: bounded(schema, prop) for prop, schema in value.items()}
+            out[key] = {prop: _bounded(schema, prop) for prop, schema in value.items()}
         elif key in ("items", "oneOf", "anyOf", "allOf", "additionalProperties"):
-            out[key] = bounded(value, name)
+            out[key] = _bounded(value, name)
         else:
             out[key] = value
     types = node.get("type")
@@ -72,9 +106,11 @@ def bounded(node: Any, name: str = "") -> Any:
         out.setdefault("maxLength", STRING_LIMITS.get(name, DEFAULT_STRING))
     if "array" in types:
         out.setdefault("maxItems", MAX_ITEMS)
-    if "integer" in types:
+    if types & {"integer", "number"}:
         out.setdefault("maximum", MAX_INTEGER)
         out.setdefault("minimum", -MAX_INTEGER)
-    if "object" in types and node.get("additionalProperties", True) is not False:
+    if "object" in types and out.get("additionalProperties", True) is not False:
         out.setdefault("maxProperties", MAX_PROPERTIES)
+        if out.get("additionalProperties", True) is True:
+            out["additionalProperties"] = {"$ref": f"#/$defs/{ANY_JSON}"}
     return out
