@@ -53,6 +53,7 @@ LINGER_SECONDS = 0.05  # after a partial claim: lets a burst gather into full re
 POLL_SECONDS = 1.0  # replays from the CLI and ended leases are seen at least this often
 RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 2.0, 900.0
 PRUNE_EVERY_SECONDS = 3600.0
+RECOUNT_EVERY_SECONDS = 60.0
 
 _EXPIRED = "The event became older than Meta accepts (7 days; 62 for physical_store) first."
 _NO_CREDENTIAL = "Integration not enabled for user."  # ActionKit's words (server/errors.py)
@@ -141,13 +142,16 @@ class Dispatcher:
         resumed = await self._queue.write(lambda db: outbox.release_held(db, now=now))
         if resumed:
             log("held_events_resumed", events=resumed)
-        last_prune = 0.0
+        last_prune = last_count = time.monotonic()
+        await self._prune(self._clock())
         while not self._stopping:
             try:
-                now = self._clock()
-                if now - last_prune >= PRUNE_EVERY_SECONDS:
-                    await self._prune(now)
-                    last_prune = now
+                if time.monotonic() - last_prune >= PRUNE_EVERY_SECONDS:
+                    await self._prune(self._clock())
+                    last_prune = time.monotonic()
+                if time.monotonic() - last_count >= RECOUNT_EVERY_SECONDS:
+                    await self._queue.recount()
+                    last_count = time.monotonic()
                 await self._cycle()
             except Exception as exc:  # the disk or a bug: keep the loop, say so, slow down
                 log("dispatcher_error", logging.ERROR, error=type(exc).__name__)
