@@ -35,6 +35,7 @@ from server.errors import (
     NotFound,
     Overloaded,
 )
+from server.idempotency import Idempotency
 from server.logs import (
     elapsed_ms,
     level_for_status,
@@ -48,6 +49,7 @@ from server.responses import error_response
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
 from server.storage.credentials import open_credentials
+from server.storage.outbox import Outbox
 from tools.catalog import load_catalog, load_openapi, served_openapi
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
@@ -84,12 +86,15 @@ def create_app(
         graph = GraphClient(graph_settings, transport)
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
         app.state.runner = Runner(catalog, credentials, sender, graph_url=graph.url, clock=clock)
+        outbox = Outbox(config.storage.database_path, clock=clock)
+        app.state.idempotency = Idempotency(outbox, clock=clock)
         app.state.mcp = session_manager()
         try:
             async with app.state.mcp.run():
                 yield
         finally:
             await graph.aclose()
+            outbox.close()
             credentials.close()
 
     app = Starlette(

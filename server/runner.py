@@ -61,15 +61,22 @@ class Runner:
             raise IntegrationNotEnabled
         return token
 
-    def prepare(self, project: Project, tool_name: str, parameters: Any) -> EventBatch:
-        """Validated, mapped, hashed events for one call; no I/O."""
+    def prepare(
+        self,
+        project: Project,
+        tool_name: str,
+        parameters: Any,
+        new_id: Callable[[], str] | None = None,
+    ) -> EventBatch:
+        """Validated, mapped, hashed events for one call; no I/O. `new_id` makes the ids of
+        events without `eventId` (an Idempotency-Key derives them: server/idempotency.py)."""
         entry = self.catalog.get(tool_name)
         if entry is None:
             raise unknown_tool(tool_name)
         self._validators[tool_name].check(parameters)
         ctx = BuildContext(
             now=self._clock(),
-            new_event_id=self._new_id,
+            new_event_id=new_id or self._new_id,
             phone_region=project.default_phone_region,
             test_event_code=project.test_event_code,
         )
@@ -78,10 +85,18 @@ class Runner:
         except InvalidEvent as exc:
             raise InvalidParameters(exc.violations) from None
 
-    async def run(self, project: Project, user_id: str, tool_name: str, parameters: Any) -> Answer:
+    async def run(
+        self,
+        project: Project,
+        user_id: str,
+        tool_name: str,
+        parameters: Any,
+        *,
+        new_id: Callable[[], str] | None = None,
+    ) -> Answer:
         """The tool's answer from Meta's (by default Meta's JSON, unwrapped). Nothing is sent
         unless every check passed."""
-        batch = self.prepare(project, tool_name, parameters)
+        batch = self.prepare(project, tool_name, parameters, new_id)
         token = self.access_token(project, user_id)
         try:
             delivery = Delivery(batch, token, project.facebook_app_secret)
@@ -91,10 +106,16 @@ class Runner:
         return self.catalog[tool_name].tool.present({**answer, **_warnings(batch)}, parameters)
 
     def dry_run(
-        self, project: Project, user_id: str, tool_name: str, parameters: Any
+        self,
+        project: Project,
+        user_id: str,
+        tool_name: str,
+        parameters: Any,
+        *,
+        new_id: Callable[[], str] | None = None,
     ) -> dict[str, Any]:
         """The exact Graph request the call would make, less credentials; sends nothing."""
-        batch = self.prepare(project, tool_name, parameters)
+        batch = self.prepare(project, tool_name, parameters, new_id)
         return {
             "dry_run": True,
             "integration_enabled": self.has_credential(project, user_id),
