@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import orjson
 import pytest
 from starlette.responses import Response
+from starlette.testclient import TestClient
 
 from server.errors import (
     BadRequest,
@@ -35,7 +39,7 @@ from server.idempotency import (
 )
 from server.responses import json_response
 from server.storage.outbox import Outbox
-from tests.support import NOW, PROJECT, funnel_parameters
+from tests.support import NOW, PROJECT, FakeGraph, Step, funnel_parameters
 from tools.base import BuildContext, Violation
 from tools.catalog import load_catalog, load_openapi
 
@@ -448,3 +452,102 @@ def test_the_key_is_stored_only_as_its_hash(idem: Idempotency, db_path: Path):
     with closing(sqlite3.connect(db_path)) as db:
         [(stored_key,)] = db.execute("SELECT key FROM idempotency").fetchall()
     assert "joe" not in stored_key and len(stored_key) == 64
+
+
+# --- over HTTP, through the real app ----------------------------------------------------------
+
+URL = f"/projects/{PROJECT}/tools"
+
+
+def post(
+    client: TestClient,
+    sign: Callable[..., str],
+    parameters: Any = NO_EVENT_ID,
+    *,
+    key: str | None = f'"{KEY}"',
+    user: str = "user-1",
+    query: str = "",
+) -> httpx2.Response:
+    headers = {"Authorization": f"Bearer {sign(user)}"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return client.post(URL + query, json={"tool": TOOL, "parameters": parameters}, headers=headers)
+
+
+def sent_event_ids(graph: FakeGraph) -> list[str]:
+    return [event["event_id"] for body in graph.bodies() for event in body["data"]]
+
+
+def test_http_replay_422_and_a_bad_key(client: TestClient, graph: FakeGraph, sign):
+    first = post(client, sign)
+    again = post(client, sign)
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content
+    assert again.headers["content-type"] == first.headers["content-type"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert len(graph.received) == 1
+
+    reused = post(client, sign, funnel_parameters(eventId=None, value=1))
+    assert (reused.status_code, reused.json()["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    assert reused.json()["message"]
+
+    bad = post(client, sign, key='"two words"')
+    assert (bad.status_code, bad.json()["code"]) == (400, "INVALID_REQUEST")
+    assert "Idempotency-Key" in bad.json()["message"]
+    assert len(graph.received) == 1  # neither was sent
+
+
+def test_http_a_retry_after_a_502_sends_the_same_event_id(make_client, graph: FakeGraph, sign):
+    client = make_client(graph_settings={"retry_deadline_seconds": 0.3})
+    graph.script.extend([Step(503, content=b"<html>busy</html>")] * 100)
+    failed = post(client, sign)
+    assert (failed.status_code, failed.json()["code"]) == (502, "UPSTREAM_UNAVAILABLE")
+    tried = len(graph.received)
+    graph.script.clear()
+
+    retried = post(client, sign)
+    assert retried.status_code == 200
+    assert "idempotent-replayed" not in retried.headers  # the 502 was not kept: it ran again
+    ids = sent_event_ids(graph)
+    assert len(ids) == tried + 1 and len(set(ids)) == 1  # one event_id, every attempt
+    assert post(client, sign, key=None).status_code == 200  # without a key: a new event
+    assert len(set(sent_event_ids(graph))) == 2
+
+
+def test_http_dry_run_shows_the_event_id_the_call_will_send(client: TestClient, graph, sign):
+    dry = post(client, sign, query="?dry_run=true")
+    [shown] = [event["event_id"] for event in dry.json()["request"]["body"]["data"]]
+    assert post(client, sign).status_code == 200
+    assert sent_event_ids(graph) == [shown]
+    assert post(client, sign, query="?dry_run=true").json() == dry.json()  # nothing kept
+
+
+def test_http_409_while_the_first_call_waits_for_meta(client: TestClient, graph, sign):
+    graph.script.append(Step(delay=1.0))
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, client, sign)
+        deadline = time.monotonic() + 5
+        while not graph.received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        during = post(client, sign)
+        answer = first.result(timeout=10)
+    assert (during.status_code, during.json()["code"]) == (409, "IDEMPOTENCY_IN_PROGRESS")
+    assert during.json()["retryable"] is True and during.headers["retry-after"] == "1"
+    assert answer.status_code == 200
+    assert post(client, sign).content == answer.content
+    assert len(graph.received) == 1
+
+
+def test_http_the_answer_survives_a_restart(make_client, graph: FakeGraph, sign):
+    first = post(make_client(), sign)
+    replay = post(make_client(), sign)  # a new app on the same database file
+    assert (replay.status_code, replay.content) == (first.status_code, first.content)
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert len(graph.received) == 1
+
+
+def test_http_another_users_same_key_is_theirs(client: TestClient, graph: FakeGraph, sign):
+    post(client, sign)
+    other = post(client, sign, funnel_parameters(eventId=None, value=3), user="user-2")
+    assert other.status_code == 200 and "idempotent-replayed" not in other.headers
+    assert len(graph.received) == 2
