@@ -26,7 +26,9 @@ from server import routes
 from server.auth import VerifiedTokens
 from server.config import Config
 from server.delivery.coalesce import Coalescer
+from server.delivery.dispatcher import Dispatcher
 from server.delivery.graph import GraphClient, Sender
+from server.delivery.throttle import Breakers
 from server.delivery.transport import AiohttpTransport, GraphTransport, HttpxTransport
 from server.errors import (
     FunnelgateError,
@@ -35,7 +37,6 @@ from server.errors import (
     NotFound,
     Overloaded,
 )
-from server.idempotency import Idempotency
 from server.logs import (
     elapsed_ms,
     level_for_status,
@@ -82,19 +83,28 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         credentials = open_credentials(config.storage)
+        queue = Outbox(config.storage.database_path, clock=clock)
         transport = graph_transport or AiohttpTransport(graph_settings.max_connections)
-        graph = GraphClient(graph_settings, transport)
+        graph = GraphClient(graph_settings, transport, breakers=Breakers(clock=clock))
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
-        app.state.runner = Runner(catalog, credentials, sender, graph_url=graph.url, clock=clock)
-        outbox = Outbox(config.storage.database_path, clock=clock)
-        app.state.idempotency = Idempotency(outbox, clock=clock)
+        dispatcher = Dispatcher(queue, graph, credentials, config, clock=clock)
+        app.state.outbox = queue
+        app.state.dispatcher = dispatcher
+        app.state.runner = Runner(
+            catalog, credentials, sender, queue, config,
+            graph_url=graph.url, wake_dispatcher=dispatcher.wake, clock=clock,
+        )  # fmt: skip
         app.state.mcp = session_manager()
+        dispatcher.start()
         try:
             async with app.state.mcp.run():
                 yield
         finally:
+            # uvicorn has finished the calls in flight (or given up on them) by now.
+            await app.state.runner.drain()
+            await dispatcher.stop(timeout=config.server.shutdown_seconds / 2)
             await graph.aclose()
-            outbox.close()
+            queue.close()
             credentials.close()
 
     app = Starlette(
@@ -103,6 +113,7 @@ def create_app(
             Route("/projects/{project_id}/actions", routes.run_action, methods=["POST"]),
             Route("/projects/{project_id}/tools", routes.list_tools, methods=["GET"]),
             Route("/projects/{project_id}/actions", routes.list_actions, methods=["GET"]),
+            Route("/projects/{project_id}/events/{event_id}", routes.event_status, methods=["GET"]),
             Route("/projects/{project_id}/mcp", McpEndpoint()),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/openapi.json", routes.openapi, methods=["GET"]),
