@@ -39,7 +39,7 @@ from server.idempotency import (
 )
 from server.responses import json_response
 from server.storage.outbox import Outbox
-from tests.support import NOW, PROJECT, FakeGraph, Step, funnel_parameters
+from tests.support import NOW, PROJECT, FakeGraph, Step, funnel_parameters, graph_error
 from tools.base import BuildContext, Violation
 from tools.catalog import load_catalog, load_openapi
 
@@ -467,8 +467,9 @@ def post(
     key: str | None = f'"{KEY}"',
     user: str = "user-1",
     query: str = "",
+    headers: dict[str, str] | None = None,
 ) -> httpx2.Response:
-    headers = {"Authorization": f"Bearer {sign(user)}"}
+    headers = {"Authorization": f"Bearer {sign(user)}", **(headers or {})}
     if key is not None:
         headers["Idempotency-Key"] = key
     return client.post(URL + query, json={"tool": TOOL, "parameters": parameters}, headers=headers)
@@ -497,21 +498,35 @@ def test_http_replay_422_and_a_bad_key(client: TestClient, graph: FakeGraph, sig
     assert len(graph.received) == 1  # neither was sent
 
 
-def test_http_a_retry_after_a_502_sends_the_same_event_id(make_client, graph: FakeGraph, sign):
-    client = make_client(graph_settings={"retry_deadline_seconds": 0.3})
-    graph.script.extend([Step(503, content=b"<html>busy</html>")] * 100)
+def test_http_a_retry_after_a_5xx_sends_the_same_event_id(client: TestClient, graph, sign):
+    graph.script.append(graph_error(400, 190))  # Meta refuses the token: 502, not kept
     failed = post(client, sign)
-    assert (failed.status_code, failed.json()["code"]) == (502, "UPSTREAM_UNAVAILABLE")
-    tried = len(graph.received)
-    graph.script.clear()
+    assert (failed.status_code, failed.json()["code"]) == (502, "UPSTREAM_AUTH")
 
-    retried = post(client, sign)
+    retried = post(client, sign)  # the token was fixed meanwhile
     assert retried.status_code == 200
     assert "idempotent-replayed" not in retried.headers  # the 502 was not kept: it ran again
-    ids = sent_event_ids(graph)
-    assert len(ids) == tried + 1 and len(set(ids)) == 1  # one event_id, every attempt
+    first, second = sent_event_ids(graph)
+    assert first == second  # one event, deduplicated by Meta on event_id
     assert post(client, sign, key=None).status_code == 200  # without a key: a new event
     assert len(set(sent_event_ids(graph))) == 2
+
+
+def test_http_queued_202_is_replayed_with_its_headers_and_one_event(
+    make_client, sign, tmp_path: Path
+):
+    client = make_client(delivery_mode="queued")
+    headers = {"Prefer": "respond-async"}
+    first = post(client, sign, headers=headers)
+    again = post(client, sign, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.content == first.content
+    for name in ("location", "preference-applied"):
+        assert again.headers[name] == first.headers[name]
+    assert again.headers["idempotent-replayed"] == "true"
+    with closing(sqlite3.connect(tmp_path / "funnelgate.db")) as db:
+        [(events,)] = db.execute("SELECT count(*) FROM outbox").fetchall()
+    assert events == 1
 
 
 def test_http_dry_run_shows_the_event_id_the_call_will_send(client: TestClient, graph, sign):
