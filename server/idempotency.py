@@ -35,41 +35,31 @@ import logging
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import orjson
 from starlette.responses import Response
 
-from server.errors import BadRequest, FunnelgateError, InvalidParameters, UpstreamError
+from server.errors import (
+    BadRequest,
+    FunnelgateError,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    InvalidParameters,
+    UpstreamError,
+)
 from server.logs import log
 from server.responses import error_response
+from server.storage.idempotency import KEY_TTL_SECONDS, Stored, create_schema, lookup, save
 from tools.base import Violation
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"  # as Stripe names it
-KEY_TTL_SECONDS = 24 * 3600
 MAX_KEY_CHARS = 255
 MAX_STORED_BODY_BYTES = 1024 * 1024  # Run Tool's answers are far smaller; past it, not kept
 KEPT_HEADERS = ("location", "preference-applied")  # replayed with the body; names lowercase
 # The namespace of derived event ids (RFC 9562 §5.5): uuid5(funnelgate's URL namespace).
 EVENT_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://funnelgate.invalid/idempotency")
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS idempotency (
-    project_id   TEXT NOT NULL,
-    user_id      TEXT NOT NULL,
-    key          TEXT NOT NULL,  -- SHA-256 (hex) of the key as the caller sent it
-    fingerprint  TEXT NOT NULL,  -- SHA-256 (hex) of the tool name and the parameters
-    status       INTEGER NOT NULL,
-    content_type TEXT,
-    headers      BLOB NOT NULL,  -- JSON: {lowercase name: value} of KEPT_HEADERS
-    body         BLOB NOT NULL,
-    created_at   REAL NOT NULL,
-    PRIMARY KEY (project_id, user_id, key)
-)""",
-    "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at)",
-)
 
 T = TypeVar("T")
 
@@ -81,36 +71,6 @@ class Store(Protocol):
     async def write(self, job: Callable[[sqlite3.Connection], T]) -> T: ...
 
     def read(self, job: Callable[[sqlite3.Connection], T]) -> T: ...
-
-
-class IdempotencyKeyReused(FunnelgateError):
-    """The draft's 422: the key already names another request."""
-
-    status = 422
-    code = "IDEMPOTENCY_KEY_REUSED"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "This Idempotency-Key was already used with a different request in the last 24 "
-            "hours; send a new key for a new request."
-        )
-
-
-class IdempotencyInProgress(FunnelgateError):
-    """The draft's 409: the first call with this key has not answered yet."""
-
-    status = 409
-    code = "IDEMPOTENCY_IN_PROGRESS"
-    retryable = True
-
-    def __init__(self) -> None:
-        super().__init__(
-            "A call with this Idempotency-Key is still in progress; retry shortly with the "
-            "same key to get its answer."
-        )
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
 
 
 # --- the key and the request: pure --------------------------------------------------------
@@ -202,72 +162,6 @@ def derived_ids(project_id: str, user_id: str, key: str, fingerprint: str) -> Ca
 
 def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-# --- storage: plain statements of a connection ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One answer as it is replayed."""
-
-    fingerprint: str
-    status: int
-    content_type: str | None
-    headers: dict[str, str]
-    body: bytes
-    created_at: float
-
-
-def create_schema(db: sqlite3.Connection) -> None:
-    for statement in SCHEMA:  # not executescript: it would COMMIT a writer's transaction
-        db.execute(statement)
-
-
-def lookup(
-    db: sqlite3.Connection, project_id: str, user_id: str, key_hash: str, *, since: float
-) -> Stored | None:
-    """The answer stored for the key at or after `since` (older ones have expired)."""
-    row = db.execute(
-        "SELECT fingerprint, status, content_type, headers, body, created_at FROM idempotency "
-        "WHERE project_id = ? AND user_id = ? AND key = ? AND created_at >= ?",
-        (project_id, user_id, key_hash, since),
-    ).fetchone()
-    if row is None:
-        return None
-    fp, status, content_type, headers, body, created_at = row
-    return Stored(fp, status, content_type, orjson.loads(headers), bytes(body), created_at)
-
-
-def save(
-    db: sqlite3.Connection, project_id: str, user_id: str, key_hash: str, stored: Stored
-) -> None:
-    """Replaces an expired row of the same key (a live one is replayed, never overwritten)."""
-    db.execute(
-        "INSERT OR REPLACE INTO idempotency (project_id, user_id, key, fingerprint, status, "
-        "content_type, headers, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            project_id,
-            user_id,
-            key_hash,
-            stored.fingerprint,
-            stored.status,
-            stored.content_type,
-            orjson.dumps(stored.headers),
-            stored.body,
-            stored.created_at,
-        ),
-    )
-
-
-def prune(db: sqlite3.Connection, *, before: float, limit: int = 5000) -> int:
-    """Deletes up to `limit` rows stored before `before` (the retention loop passes
-    now - KEY_TTL_SECONDS); the number deleted."""
-    return db.execute(
-        "DELETE FROM idempotency WHERE rowid IN "
-        "(SELECT rowid FROM idempotency WHERE created_at < ? LIMIT ?)",
-        (before, limit),
-    ).rowcount
 
 
 # --- the server's side ------------------------------------------------------------------

@@ -22,22 +22,21 @@ from starlette.testclient import TestClient
 from server.errors import (
     BadRequest,
     FunnelgateError,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
     InvalidParameters,
     UpstreamRejected,
     UpstreamUnavailable,
 )
 from server.idempotency import (
-    KEY_TTL_SECONDS,
     MAX_STORED_BODY_BYTES,
     Idempotency,
-    IdempotencyInProgress,
-    IdempotencyKeyReused,
     derived_ids,
     fingerprint,
     parse_key,
-    prune,
 )
 from server.responses import json_response
+from server.storage.idempotency import KEY_TTL_SECONDS, prune
 from server.storage.outbox import Outbox
 from tests.support import NOW, PROJECT, FakeGraph, Step, funnel_parameters, graph_error
 from tools.base import BuildContext, Violation

@@ -41,7 +41,7 @@ from server.delivery.graph import (
 from server.delivery.policy import Verdict
 from server.delivery.timeouts import AttemptTimeouts
 from server.logs import log
-from server.storage import outbox
+from server.storage import idempotency, outbox
 from server.storage.credentials import CredentialStore
 from server.storage.outbox import Claimed, Outbox
 
@@ -344,3 +344,7 @@ class Dispatcher:
                 break
         if pruned:
             log("events_pruned", events=pruned)
+        key_before = now - idempotency.KEY_TTL_SECONDS
+        while await self._queue.write(lambda db: idempotency.prune(db, before=key_before)) >= 5000:
+            if self._stopping:
+                break

@@ -27,6 +27,7 @@ import orjson
 
 from server.errors import StorageUnavailable
 from server.logs import log
+from server.storage import idempotency
 from server.storage.writer import Writer, connect
 from tools.capi import MAX_AGE_SECONDS, MAX_AGE_SECONDS_PHYSICAL_STORE
 
@@ -411,6 +412,7 @@ class Outbox:
         self._read = connect(path)
         try:
             create_schema(self._read)
+            idempotency.create_schema(self._read)
             self.pending = pending_count(self._read)
         except BaseException:
             self._read.close()
