@@ -227,7 +227,9 @@ def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicor
         # rewrite is skipped entirely.
         proxy_headers=bool(proxies),
         forwarded_allow_ips=proxies,
-        timeout_graceful_shutdown=math.ceil(config.server.shutdown_seconds),  # whole seconds
+        # Whole seconds, half the budget: the other half lets the dispatcher finish its sends
+        # (server/app.py's lifespan).
+        timeout_graceful_shutdown=max(1, math.floor(config.server.shutdown_seconds / 2)),
     )
 
 

@@ -10,6 +10,8 @@
     ├── PayloadTooLarge ....... 413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType .. 415 UNSUPPORTED_MEDIA_TYPE
     ├── Overloaded ............ 503 OVERLOADED (retryable, Retry-After)
+    │   ├── QueueFull ......... 503 QUEUE_FULL (retryable, Retry-After)
+    │   └── StorageUnavailable  503 STORAGE_UNAVAILABLE (retryable, Retry-After)
     ├── UpstreamError ......... Graph API failures (+ event_ids, upstream: {...})
     │   ├── UpstreamRejected .. 400 UPSTREAM_REJECTED
     │   ├── UpstreamAuth ...... 502 UPSTREAM_AUTH
@@ -136,6 +138,32 @@ class Overloaded(FunnelgateError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class QueueFull(Overloaded):
+    code = "QUEUE_FULL"
+
+    def __init__(self, limit: int) -> None:
+        FunnelgateError.__init__(
+            self,
+            f"funnelgate's queue holds its limit of {limit} undelivered events "
+            "([delivery] max_queued_events); retry later.",
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "30"}  # the queue drains at Meta's pace, not in a second
+
+
+class StorageUnavailable(Overloaded):
+    code = "STORAGE_UNAVAILABLE"
+
+    def __init__(self) -> None:
+        FunnelgateError.__init__(
+            self, "funnelgate could not write the events to its storage; nothing was queued."
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
 
 
 class UpstreamError(FunnelgateError):

@@ -16,6 +16,7 @@ writer, writer.py) and the CLI (its own connection) share them.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from server.errors import StorageUnavailable
+from server.logs import log
 from server.storage.writer import Writer, connect
 from tools.capi import MAX_AGE_SECONDS, MAX_AGE_SECONDS_PHYSICAL_STORE
 
@@ -153,9 +156,12 @@ def next_due(db: sqlite3.Connection) -> float | None:
 
 
 def pending_count(db: sqlite3.Connection) -> int:
-    return int(
-        db.execute("SELECT count(*) FROM outbox WHERE status IN ('queued', 'held')").fetchone()[0]
-    )
+    """Queued and held rows, counted on their partial indexes."""
+    row = db.execute(
+        "SELECT (SELECT count(*) FROM outbox WHERE status = 'queued') + "
+        "(SELECT count(*) FROM outbox WHERE status = 'held')"
+    ).fetchone()
+    return int(row[0])
 
 
 def mark_delivered(
@@ -486,10 +492,15 @@ class Outbox:
             return await self.write(
                 lambda db: insert(db, events, now=now, next_at=due, attempts=attempts, error=error)
             )
-        except Exception:  # not written (a cancelled caller's write still lands)
+        except sqlite3.Error as exc:  # not written (a cancelled caller's write still lands)
             self.pending -= len(events)
-            raise
+            log("outbox_write_failed", logging.ERROR, error=type(exc).__name__)
+            raise StorageUnavailable from None
 
     def finished(self, count: int) -> None:
         """`count` pending rows became delivered or failed."""
         self.pending = max(0, self.pending - count)
+
+    async def recount(self) -> None:
+        """The pending count from the table: the CLI's replays happen in another process."""
+        self.pending = await self.write(pending_count)
