@@ -214,6 +214,11 @@ class Dispatcher:
             for start in range(0, len(group), MAX_EVENTS_PER_REQUEST):
                 self._spawn(key, group[start : start + MAX_EVENTS_PER_REQUEST])
 
+    def _current_token(self, project_id: str, user_id: str) -> str | None:
+        project = self._config.projects.get(project_id)
+        fallback = project.facebook_access_token if project else None
+        return self._token(project_id, user_id) or fallback
+
     def _token(self, project_id: str, user_id: str) -> str | None:
         try:
             return self._credentials.get(project_id, user_id)
@@ -298,9 +303,17 @@ class Dispatcher:
             )
             self._queue.finished(done)
         elif result.verdict is Verdict.AUTH:
+            # A user whose token changed while this request was out is not held on the old
+            # token's refusal: those events go again at once, with the new one.
+            users = {(r.project_id, r.user_id) for r in rows}
+            renewed = {who for who in users if self._current_token(*who) != token}
+            again = [r for r in rows if (r.project_id, r.user_id) in renewed]
+            held = [r.seq for r in rows if (r.project_id, r.user_id) not in renewed]
+            if again:
+                await self._reschedule(again, lambda _row: now, attempted=True, error=None)
             error = row_error(result)
-            await self._queue.write(lambda db: outbox.mark_held(db, seqs, now=now, error=error))
-            log("events_held", project=project_id, pixel=pixel_id, events=len(rows))
+            await self._queue.write(lambda db: outbox.mark_held(db, held, now=now, error=error))
+            log("events_held", project=project_id, pixel=pixel_id, events=len(held))
         else:
             until = self._graph.breakers.open_until(breaker)
             await self._reschedule(
