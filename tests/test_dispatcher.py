@@ -232,7 +232,7 @@ def test_stop_releases_what_it_could_not_finish(harness):
         await until(queue, lambda _: len(harness.graph.received) == 1)
         started = time.monotonic()
         await dispatcher.stop(timeout=0.2)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 10  # Meta hangs for 30 s: the sends were cut
         return rows(queue)["e1"]
 
     released = harness.run(body)
