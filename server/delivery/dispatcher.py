@@ -109,10 +109,6 @@ class Dispatcher:
         """New events are due: the loop claims them now instead of at its next poll."""
         self._wakeup.set()
 
-    @property
-    def running(self) -> bool:
-        return self._main is not None and not self._main.done()
-
     async def stop(self, timeout: float) -> None:
         """Stops claiming; sends in flight get `timeout` seconds to finish, the rest are
         cancelled and their events released (due now) for the next start."""
