@@ -37,6 +37,7 @@ from server.errors import (
     NotFound,
     Overloaded,
 )
+from server.idempotency import Idempotency
 from server.logs import (
     elapsed_ms,
     level_for_status,
@@ -89,6 +90,7 @@ def create_app(
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
         dispatcher = Dispatcher(queue, graph, credentials, config, clock=clock)
         app.state.outbox = queue
+        app.state.idempotency = Idempotency(queue, clock=clock)
         app.state.dispatcher = dispatcher
         app.state.runner = Runner(
             catalog, credentials, sender, queue, config,

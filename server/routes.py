@@ -11,6 +11,7 @@ from starlette.responses import Response
 from server.access import authenticate
 from server.bodies import read_json_body
 from server.errors import BadRequest, NotFound
+from server.idempotency import HEADER, Idempotency, derived_ids, fingerprint, parse_key
 from server.listing import FORMATS, as_function, as_paragon
 from server.logs import clip
 from server.responses import json_response
@@ -25,6 +26,7 @@ MAX_WAIT_SECONDS = 3600  # a `Prefer: wait` beyond this is read as this
 
 async def _run(request: Request, name_key: str) -> Response:
     project, user_id = authenticate(request)
+    key = parse_key(request.headers.getlist(HEADER))
     body = await read_json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="INVALID_REQUEST")
@@ -38,7 +40,12 @@ async def _run(request: Request, name_key: str) -> Response:
     runner: Runner = request.app.state.runner
     parameters = body["parameters"]
     if _flag(request, "dry_run", default=False):
-        return json_response(runner.dry_run(project, user_id, tool_name, parameters))
+        # Nothing is sent, so nothing is kept; with a key it shows the ids the call will use.
+        new_id = None
+        if key is not None:
+            new_id = derived_ids(project.id, user_id, key, fingerprint(tool_name, parameters))
+        return json_response(runner.dry_run(project, user_id, tool_name, parameters, new_id=new_id))
+    sent = parameters  # the request's identity: as sent, before the Accept-driven default
     if (
         isinstance(parameters, dict)
         and "response_format" not in parameters
@@ -50,14 +57,25 @@ async def _run(request: Request, name_key: str) -> Response:
         fmt = "markdown" if _prefers_markdown(request.headers.get("accept", "")) else "json"
         parameters = {**parameters, "response_format": fmt}
     prefer = _preferences(request.headers.getlist("prefer"))
-    answer = await runner.run(project, user_id, tool_name, parameters, prefer=prefer)
-    if isinstance(answer, Queued):
-        return _accepted(project.id, answer, prefer)
-    applied = _applied(prefer, queued=False)
-    if isinstance(answer, JsonAnswer):
-        request.state.fbtrace_id = answer.body.get("fbtrace_id")
-        return json_response(answer.body, headers=applied)
-    return Response(answer.text, media_type=answer.media_type, headers=applied)
+
+    async def call(new_id: Callable[[], str] | None) -> Response:
+        answer = await runner.run(
+            project, user_id, tool_name, parameters, prefer=prefer, new_id=new_id
+        )
+        if isinstance(answer, Queued):
+            return _accepted(project.id, answer, prefer)
+        applied = _applied(prefer, queued=False)
+        if isinstance(answer, JsonAnswer):
+            request.state.fbtrace_id = answer.body.get("fbtrace_id")
+            return json_response(answer.body, headers=applied)
+        return Response(answer.text, media_type=answer.media_type, headers=applied)
+
+    if key is None:
+        return await call(None)
+    idempotency: Idempotency = request.app.state.idempotency
+    return await idempotency.handle(
+        project.id, user_id, key, tool_name=tool_name, parameters=sent, call=call
+    )
 
 
 def _accepted(project_id: str, queued: Queued, prefer: Preferences) -> Response:

@@ -178,7 +178,7 @@ class Runner:
             budget = min(budget, prefer.wait)
         sent = self._sender.submit(delivery, project_id=project.id, budget=budget)
         try:
-            done, _ = await asyncio.wait((sent,), timeout=budget)
+            done = await _within(sent, budget)
         except asyncio.CancelledError:
             sent.add_done_callback(_observed)
             raise
@@ -303,6 +303,26 @@ def _warnings(warnings: list[Violation]) -> dict[str, Any]:
     if not warnings:
         return {}
     return {"warnings": [{"path": w.path, "message": w.message} for w in warnings]}
+
+
+async def _within(future: asyncio.Future[Any], seconds: float) -> bool:
+    """Whether `future` is done within `seconds`; unlike asyncio.wait_for it is never
+    cancelled, and it costs a third of asyncio.wait on every call (one timer, one waiter)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    timer = loop.call_later(seconds, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
 
 
 def _not_json() -> InvalidParameters:

@@ -238,7 +238,7 @@ def test_graph_slower_than_the_budget_gets_a_202_then_the_event_is_delivered(ser
     started = time.monotonic()
     response = run(served, bearer, live_parameters())
     assert response.status_code == 202, response.text
-    assert time.monotonic() - started < 4.5  # the 3 s budget, plus slack
+    assert time.monotonic() - started < 8  # the 3 s budget, inside a 10 s caller timeout
     body = response.json()
     assert (body["status"], body["reason"], body["events_received"]) == (
         "queued", "meta_unavailable", 1,

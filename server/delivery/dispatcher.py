@@ -41,7 +41,7 @@ from server.delivery.graph import (
 from server.delivery.policy import Verdict
 from server.delivery.timeouts import AttemptTimeouts
 from server.logs import log
-from server.storage import outbox
+from server.storage import idempotency, outbox
 from server.storage.credentials import CredentialStore
 from server.storage.outbox import Claimed, Outbox
 
@@ -53,6 +53,7 @@ LINGER_SECONDS = 0.05  # after a partial claim: lets a burst gather into full re
 POLL_SECONDS = 1.0  # replays from the CLI and ended leases are seen at least this often
 RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 2.0, 900.0
 PRUNE_EVERY_SECONDS = 3600.0
+RECOUNT_EVERY_SECONDS = 60.0
 
 _EXPIRED = "The event became older than Meta accepts (7 days; 62 for physical_store) first."
 _NO_CREDENTIAL = "Integration not enabled for user."  # ActionKit's words (server/errors.py)
@@ -108,10 +109,6 @@ class Dispatcher:
         """New events are due: the loop claims them now instead of at its next poll."""
         self._wakeup.set()
 
-    @property
-    def running(self) -> bool:
-        return self._main is not None and not self._main.done()
-
     async def stop(self, timeout: float) -> None:
         """Stops claiming; sends in flight get `timeout` seconds to finish, the rest are
         cancelled and their events released (due now) for the next start."""
@@ -141,13 +138,16 @@ class Dispatcher:
         resumed = await self._queue.write(lambda db: outbox.release_held(db, now=now))
         if resumed:
             log("held_events_resumed", events=resumed)
-        last_prune = 0.0
+        last_prune = last_count = time.monotonic()
+        await self._prune(self._clock())
         while not self._stopping:
             try:
-                now = self._clock()
-                if now - last_prune >= PRUNE_EVERY_SECONDS:
-                    await self._prune(now)
-                    last_prune = now
+                if time.monotonic() - last_prune >= PRUNE_EVERY_SECONDS:
+                    await self._prune(self._clock())
+                    last_prune = time.monotonic()
+                if time.monotonic() - last_count >= RECOUNT_EVERY_SECONDS:
+                    await self._queue.recount()
+                    last_count = time.monotonic()
                 await self._cycle()
             except Exception as exc:  # the disk or a bug: keep the loop, say so, slow down
                 log("dispatcher_error", logging.ERROR, error=type(exc).__name__)
@@ -209,6 +209,11 @@ class Dispatcher:
         for key, group in groups.items():
             for start in range(0, len(group), MAX_EVENTS_PER_REQUEST):
                 self._spawn(key, group[start : start + MAX_EVENTS_PER_REQUEST])
+
+    def _current_token(self, project_id: str, user_id: str) -> str | None:
+        project = self._config.projects.get(project_id)
+        fallback = project.facebook_access_token if project else None
+        return self._token(project_id, user_id) or fallback
 
     def _token(self, project_id: str, user_id: str) -> str | None:
         try:
@@ -294,9 +299,17 @@ class Dispatcher:
             )
             self._queue.finished(done)
         elif result.verdict is Verdict.AUTH:
+            # A user whose token changed while this request was out is not held on the old
+            # token's refusal: those events go again at once, with the new one.
+            users = {(r.project_id, r.user_id) for r in rows}
+            renewed = {who for who in users if self._current_token(*who) != token}
+            again = [r for r in rows if (r.project_id, r.user_id) in renewed]
+            held = [r.seq for r in rows if (r.project_id, r.user_id) not in renewed]
+            if again:
+                await self._reschedule(again, lambda _row: now, attempted=True, error=None)
             error = row_error(result)
-            await self._queue.write(lambda db: outbox.mark_held(db, seqs, now=now, error=error))
-            log("events_held", project=project_id, pixel=pixel_id, events=len(rows))
+            await self._queue.write(lambda db: outbox.mark_held(db, held, now=now, error=error))
+            log("events_held", project=project_id, pixel=pixel_id, events=len(held))
         else:
             until = self._graph.breakers.open_until(breaker)
             await self._reschedule(
@@ -340,3 +353,7 @@ class Dispatcher:
                 break
         if pruned:
             log("events_pruned", events=pruned)
+        key_before = now - idempotency.KEY_TTL_SECONDS
+        while await self._queue.write(lambda db: idempotency.prune(db, before=key_before)) >= 5000:
+            if self._stopping:
+                break
