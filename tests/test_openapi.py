@@ -414,7 +414,7 @@ def test_run_tool_documents_the_queued_answer_and_idempotency(path):
     assert "IDEMPOTENCY_KEY_REUSED" in responses["422"]["description"]
     for status in ("409", "422"):
         assert _json_schema(responses[status]) == {"$ref": "#/components/schemas/Error"}
-    assert {"QUEUE_FULL", "OVERLOADED"} <= set(
+    assert {"QUEUE_FULL", "OVERLOADED", "STORAGE_UNAVAILABLE"} <= set(
         re.findall(r"[A-Z_]{6,}", responses["503"]["description"])
     )
 
