@@ -49,7 +49,10 @@ CLAIM_LIMIT = 5 * MAX_EVENTS_PER_REQUEST
 # A claim outlasts any send of its events (attempt timeouts stop at 60 s; a bisection makes
 # several); a crash leaves them due again when it ends.
 LEASE_SECONDS = 300.0
-LINGER_SECONDS = 0.05  # after a partial claim: lets a burst gather into full requests
+# Due events wait this long before a claim, unless a backlog is being worked off, so that the
+# events of many calls gather into full requests (at 5,000 events/s, 1,000 per request), at a
+# cost of this much latency on a quiet server.
+LINGER_SECONDS = 0.2
 POLL_SECONDS = 1.0  # replays from the CLI and ended leases are seen at least this often
 RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 2.0, 900.0
 PRUNE_EVERY_SECONDS = 3600.0
@@ -100,6 +103,7 @@ class Dispatcher:
         self._freed = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._stopping = False
+        self._backlog = False
         self._main: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -164,15 +168,19 @@ class Dispatcher:
         if due is None or due > now:
             await self._pause(POLL_SECONDS if due is None else min(POLL_SECONDS, due - now))
             return
+        if not self._backlog:
+            # Let the events of many calls gather into full requests; wake-ups need no
+            # answer meanwhile, the claim is coming.
+            await asyncio.sleep(LINGER_SECONDS)
+            now = self._clock()
         lease_until = now + LEASE_SECONDS
         claimed = await self._queue.write(
             lambda db: outbox.claim(db, now=now, lease_until=lease_until, limit=CLAIM_LIMIT)
         )
+        self._backlog = len(claimed) == CLAIM_LIMIT  # more are due: no lingering next time
         fresh = [row for row in claimed if row.seq not in self._in_flight]
         if fresh:
             await self._dispatch(fresh, now)
-        if len(claimed) < CLAIM_LIMIT:
-            await asyncio.sleep(LINGER_SECONDS)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
