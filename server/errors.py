@@ -17,7 +17,8 @@
     ├── UpstreamError ......... Graph API failures (+ event_ids, upstream: {...})
     │   ├── UpstreamRejected .. 400 UPSTREAM_REJECTED
     │   ├── UpstreamAuth ...... 502 UPSTREAM_AUTH
-    │   └── UpstreamUnavailable 502 / 504 UPSTREAM_UNAVAILABLE (retryable)
+    │   └── UpstreamUnavailable UPSTREAM_UNAVAILABLE: never answered; the runner queues the
+    │                           events and answers 202 (it is recorded as the events' error)
     └── InternalError ......... 500 INTERNAL_ERROR (a bug)
 
 `ConfigError` is separate: it stops start-up and never reaches a caller. The tools' own

@@ -146,7 +146,7 @@ def _ip_address(text: str) -> str | None:
     """A valid IP address, IPv6 in its compressed form; None when `text` is not one."""
     try:
         socket.inet_pton(socket.AF_INET, text)  # the common case, ten times cheaper
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         try:
             return str(ipaddress.ip_address(text))
         except ValueError:
