@@ -26,7 +26,9 @@ from server import routes
 from server.auth import VerifiedTokens
 from server.config import Config
 from server.delivery.coalesce import Coalescer
+from server.delivery.dispatcher import Dispatcher
 from server.delivery.graph import GraphClient, Sender
+from server.delivery.throttle import Breakers
 from server.delivery.transport import AiohttpTransport, GraphTransport, HttpxTransport
 from server.errors import (
     FunnelgateError,
@@ -35,6 +37,7 @@ from server.errors import (
     NotFound,
     Overloaded,
 )
+from server.idempotency import Idempotency
 from server.logs import (
     elapsed_ms,
     level_for_status,
@@ -48,6 +51,7 @@ from server.responses import error_response
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
 from server.storage.credentials import open_credentials
+from server.storage.outbox import Outbox
 from tools.catalog import load_catalog, load_openapi, served_openapi
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
@@ -80,16 +84,29 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         credentials = open_credentials(config.storage)
+        queue = Outbox(config.storage.database_path, clock=clock)
         transport = graph_transport or AiohttpTransport(graph_settings.max_connections)
-        graph = GraphClient(graph_settings, transport)
+        graph = GraphClient(graph_settings, transport, breakers=Breakers(clock=clock))
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
-        app.state.runner = Runner(catalog, credentials, sender, graph_url=graph.url, clock=clock)
+        dispatcher = Dispatcher(queue, graph, credentials, config, clock=clock)
+        app.state.outbox = queue
+        app.state.idempotency = Idempotency(queue, clock=clock)
+        app.state.dispatcher = dispatcher
+        app.state.runner = Runner(
+            catalog, credentials, sender, queue, config,
+            graph_url=graph.url, wake_dispatcher=dispatcher.wake, clock=clock,
+        )  # fmt: skip
         app.state.mcp = session_manager()
+        dispatcher.start()
         try:
             async with app.state.mcp.run():
                 yield
         finally:
+            # uvicorn has finished the calls in flight (or given up on them) by now.
+            await app.state.runner.drain()
+            await dispatcher.stop(timeout=config.server.shutdown_seconds / 2)
             await graph.aclose()
+            queue.close()
             credentials.close()
 
     app = Starlette(
@@ -98,6 +115,7 @@ def create_app(
             Route("/projects/{project_id}/actions", routes.run_action, methods=["POST"]),
             Route("/projects/{project_id}/tools", routes.list_tools, methods=["GET"]),
             Route("/projects/{project_id}/actions", routes.list_actions, methods=["GET"]),
+            Route("/projects/{project_id}/events/{event_id}", routes.event_status, methods=["GET"]),
             Route("/projects/{project_id}/mcp", McpEndpoint()),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/openapi.json", routes.openapi, methods=["GET"]),

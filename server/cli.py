@@ -1,26 +1,36 @@
-"""The `funnelgate` command: serve, init, token, credentials."""
+"""The `funnelgate` command: serve, init, token, credentials, events."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import math
 import os
+import re
 import signal
 import socket
+import sqlite3
 import sys
-from collections.abc import Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
+import orjson
 import uvicorn
 from starlette.types import ASGIApp
 
 from server.config import Config, load_config
 from server.errors import ConfigError
+from server.storage import outbox
 from server.storage.credentials import CredentialStore, open_credentials
+from server.storage.outbox import EventStatus
+from server.storage.writer import connect
 
 VERSION = version("funnelgate")
 
@@ -29,10 +39,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         result: int = args.handler(args)
-    except ConfigError as exc:
+    except (ConfigError, UsageError) as exc:
         print(f"funnelgate: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.Error as exc:  # e.g. the server held the write lock past busy_timeout
+        print(f"funnelgate: storage: {exc}", file=sys.stderr)
+        return 1
     return result
+
+
+class UsageError(Exception):
+    """An option's value the command cannot use: one line, exit 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +113,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arg(rotate)
     rotate.set_defaults(handler=_credentials_rotate_key)
+    _events_parser(commands)
     return parser
+
+
+def _events_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    events = commands.add_parser(
+        "events", help="accepted events: list them, count them, replay failed ones"
+    )
+    actions = events.add_subparsers(required=True, metavar="ACTION")
+    list_ = actions.add_parser("list", help="the newest events (never their customer data)")
+    replay = actions.add_parser("replay", help="queue failed events again, with the same event_id")
+    stats = actions.add_parser("stats", help="counts by status, oldest pending age, per pixel")
+    for sub in (list_, replay, stats):
+        _config_arg(sub)
+        sub.add_argument("--project", help="one project (default: all)")
+    list_.add_argument("--status", help="queued, held, delivered or failed")
+    list_.add_argument(
+        "--since", help="changed in the last 30m, 1h, 2d, 1w, or since an ISO-8601 time (UTC)"
+    )
+    list_.add_argument(
+        "--limit",
+        default=str(LIST_DEFAULT),
+        help=f"at most N (default {LIST_DEFAULT}, max {LIST_MAX:,})",
+    )
+    for sub in (list_, stats):
+        sub.add_argument("--json", action="store_true", help="JSON (list: one object a line)")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--event-id", nargs="+", action="extend", metavar="ID", help="these events")
+    which.add_argument("--all-failed", action="store_true", help="every failed event")
+    replay.add_argument("--dry-run", action="store_true", help="show what would be replayed")
+    list_.set_defaults(handler=_events_list)
+    replay.set_defaults(handler=_events_replay)
+    stats.set_defaults(handler=_events_stats)
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -178,7 +227,9 @@ def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicor
         # rewrite is skipped entirely.
         proxy_headers=bool(proxies),
         forwarded_allow_ips=proxies,
-        timeout_graceful_shutdown=math.ceil(config.server.shutdown_seconds),  # whole seconds
+        # Whole seconds, half the budget: the other half lets the dispatcher finish its sends
+        # (server/app.py's lifespan).
+        timeout_graceful_shutdown=max(1, math.floor(config.server.shutdown_seconds / 2)),
     )
 
 
@@ -238,7 +289,16 @@ def _credentials_set(args: argparse.Namespace) -> int:
         store.set(project, args.user, token)
     finally:
         store.close()
-    print(f"stored the access token for user {args.user!r} in project {project!r} (encrypted)")
+    resumed = _settle_held(
+        config,
+        lambda db, limit: outbox.release_held(
+            db, now=time.time(), project_id=project, user_id=args.user, limit=limit
+        ),
+    )
+    print(
+        f"stored the access token for user {args.user!r} in project {project!r} (encrypted); "
+        f"{_held_events(resumed)} resumed"
+    )
     return 0
 
 
@@ -255,13 +315,57 @@ def _credentials_list(args: argparse.Namespace) -> int:
 
 def _credentials_remove(args: argparse.Namespace) -> int:
     config = _config(args)
+    project = _project_id(config, args.project)
     with contextlib.closing(_unverified(config)) as store:
-        removed = store.remove(_project_id(config, args.project), args.user)
+        removed = store.remove(project, args.user)
     if not removed:
         print(f"no credential for user {args.user!r}", file=sys.stderr)
         return 1
-    print(f"removed the credential of user {args.user!r}")
+    if config.projects[project].facebook_access_token:
+        # The dispatcher sends this user's events with the project's token from now on.
+        resumed = _settle_held(
+            config,
+            lambda db, limit: outbox.release_held(
+                db, now=time.time(), project_id=project, user_id=args.user, limit=limit
+            ),
+        )
+        outcome = f"{_held_events(resumed)} resumed with the project's access token"
+    else:
+        failed = _settle_held(
+            config,
+            lambda db, limit: outbox.fail_held(
+                db,
+                now=time.time(),
+                project_id=project,
+                user_id=args.user,
+                error=CREDENTIAL_REMOVED,
+                limit=limit,
+            ),
+        )
+        outcome = f"{_held_events(failed)} failed ({CREDENTIAL_REMOVED['code']})"
+    print(f"removed the credential of user {args.user!r}; {outcome}")
     return 0
+
+
+CREDENTIAL_REMOVED = {"code": "INTEGRATION_NOT_ENABLED", "message": "The credential was removed."}
+
+
+def _settle_held(config: Config, step: Callable[[sqlite3.Connection, int], int]) -> int:
+    """Runs `step` (a release or a fail of held rows, at most BATCH each, one transaction each)
+    until it changes none: the running server's writer never waits long on the CLI."""
+    total = 0
+    with contextlib.closing(_outbox_db(config)) as db:
+        while True:
+            started = time.monotonic()
+            changed = step(db, BATCH)
+            if not changed:
+                return total
+            total += changed
+            _let_the_server_write(time.monotonic() - started)
+
+
+def _held_events(count: int) -> str:
+    return "no held events" if count == 0 else f"{count:,} held event(s)"
 
 
 def _unverified(config: Config) -> CredentialStore:
@@ -305,3 +409,326 @@ def _credentials_rotate_key(args: argparse.Namespace) -> int:
         f"{config.storage.secret_key_origin}."
     )
     return 0
+
+
+# --- events: list, stats, replay -------------------------------------------------------------
+
+LIST_DEFAULT = 50
+LIST_MAX = 10_000
+BATCH = 1000  # rows per write transaction: the server's writer never waits long on the CLI
+LOCK_GAP_SECONDS = 0.025  # see _let_the_server_write
+CLI_BUSY_TIMEOUT_MS = 30_000
+SHOWN = 20  # events and ids named in a replay's summary; the rest are counted
+_DURATION = re.compile(r"(\d{1,7})([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _outbox_db(config: Config) -> sqlite3.Connection:
+    """The server's database (WAL: the CLI reads and writes while it runs), with the outbox
+    table. Never created here: a missing file means a config that is not the server's."""
+    path = config.storage.database_path
+    if not path.exists():
+        raise ConfigError(f"no database at {path}: is this the config the server runs with?")
+    db = connect(path)
+    try:
+        # The server's writer may commit back to back under load: the CLI waits its turn.
+        db.execute(f"PRAGMA busy_timeout={CLI_BUSY_TIMEOUT_MS}")
+        outbox.create_schema(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def parse_since(text: str, now: float) -> float:
+    """`30m`, `1h`, `2d`, `1w` ago, or an ISO-8601 time (UTC unless it says otherwise)."""
+    if match := _DURATION.fullmatch(text.strip()):
+        seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+        if seconds == 0:
+            raise UsageError(f"--since {text}: the duration must be more than 0")
+        return now - seconds
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"--since {text[:40]!r}: use a duration (30m, 1h, 2d, 1w) or an ISO-8601 time "
+            "(2025-01-31T12:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def human_age(seconds: float) -> str:
+    """`3m 12s`, `2d 4h`: the two largest units."""
+    left = max(0, int(seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, left = divmod(left, size)
+        if count or parts or unit == "s":
+            parts.append(f"{count}{unit}")
+    return " ".join(parts[:2])
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _error_code(row: EventStatus) -> str:
+    if not row.error or row.status == "delivered":
+        return ""
+    error = orjson.loads(row.error)
+    return str(error.get("code", "")) if isinstance(error, dict) else ""
+
+
+def _cell(value: object, width: int) -> str:
+    """A caller's string made safe for a terminal (no escape sequences) and cut to `width`."""
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], widths: Sequence[int]) -> str:
+    """Columns as wide as their widest cell, up to `widths`."""
+    cells = [list(header)] + [
+        [_cell(value, width) for value, width in zip(row, widths, strict=True)] for row in rows
+    ]
+    sizes = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(size) for cell, size in zip(line, sizes, strict=True)).rstrip()
+        for line in cells
+    )
+
+
+def _events_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    project = _project_id(config, args.project) if args.project else None
+    if args.status is not None and args.status not in outbox.STATUSES:
+        raise UsageError(f"--status must be one of {', '.join(outbox.STATUSES)}")
+    since = parse_since(args.since, time.time()) if args.since else None
+    try:
+        limit = int(args.limit)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= LIST_MAX:
+        raise UsageError(f"--limit must be a whole number from 1 to {LIST_MAX:,}")
+    with contextlib.closing(_outbox_db(config)) as db:
+        rows = outbox.list_events(
+            db, project_id=project, status=args.status, since=since, limit=limit
+        )
+    if not rows:
+        print("funnelgate: no events matched", file=sys.stderr)
+        return 1
+    if args.json:
+        for row in rows:
+            listed = {"project_id": row.project_id, "user_id": row.user_id, **row.public()}
+            sys.stdout.write(orjson.dumps(listed).decode() + "\n")
+    else:
+        print(table(LIST_COLUMNS, [_list_row(row) for row in rows], LIST_WIDTHS))
+    if len(rows) == limit:
+        print(f"(the newest {limit:,}; --limit shows more, up to {LIST_MAX:,})", file=sys.stderr)
+    return 0
+
+
+LIST_COLUMNS = (
+    "UPDATED",
+    "PROJECT",
+    "USER",
+    "EVENT_ID",
+    "EVENT",
+    "PIXEL",
+    "STATUS",
+    "ATTEMPTS",
+    "ERROR",
+)
+LIST_WIDTHS = (20, 24, 24, 40, 24, 20, 9, 8, 28)  # a cut value ends in …; --json has it whole
+
+
+def _list_row(row: EventStatus) -> tuple[object, ...]:
+    return (
+        _iso(row.updated_at),
+        row.project_id,
+        row.user_id,
+        row.event_id,
+        row.event_name,
+        row.pixel_id,
+        row.status,
+        row.attempts,
+        _error_code(row),
+    )
+
+
+def _events_stats(args: argparse.Namespace) -> int:
+    config = _config(args)
+    project = _project_id(config, args.project) if args.project else None
+    with contextlib.closing(_outbox_db(config)) as db:
+        counts = outbox.stats(db, project_id=project)
+    now = time.time()
+    if args.json:
+        body = {
+            "by_status": counts["by_status"],
+            **_oldest(counts["oldest_pending"], now),
+            "pixels": {
+                pixel: {
+                    **{s: entry[s] for s in outbox.STATUSES},
+                    **_oldest(entry["oldest_pending"], now),
+                }
+                for pixel, entry in sorted(counts["pixels"].items())
+            },
+        }
+        sys.stdout.write(orjson.dumps(body).decode() + "\n")
+        return 0
+    print(", ".join(f"{counts['by_status'][s]:,} {s}" for s in outbox.STATUSES))
+    print(f"oldest pending: {_age(counts['oldest_pending'], now) or 'none'}")
+    if counts["pixels"]:
+        header = ("PIXEL", *(s.upper() for s in outbox.STATUSES), "OLDEST PENDING")
+        rows = [
+            (pixel, *(f"{entry[s]:,}" for s in outbox.STATUSES), _age(entry["oldest_pending"], now))
+            for pixel, entry in sorted(counts["pixels"].items())
+        ]
+        print(table(header, rows, (24, 12, 12, 12, 12, 40)))
+    return 0
+
+
+def _oldest(at: float | None, now: float) -> dict[str, str | int | None]:
+    return {
+        "oldest_pending_at": None if at is None else _iso(at),
+        "oldest_pending_seconds": None if at is None else round(now - at),
+    }
+
+
+def _age(at: float | None, now: float) -> str:
+    return "" if at is None else f"{human_age(now - at)} (accepted {_iso(at)})"
+
+
+def _events_replay(args: argparse.Namespace) -> int:
+    config = _config(args)
+    project = _project_id(config, args.project) if args.project else None
+    ids = list(dict.fromkeys(args.event_id or ()))  # each id once, in the order given
+    projects = [project] if project else list(config.projects)
+    now = time.time()
+    found: set[str] = set()
+    shown: list[EventStatus] = []
+    codes: Counter[str] = Counter()
+    with contextlib.closing(_outbox_db(config)) as db, _progress(db, args, project, ids) as advance:
+        for done, rows in _replay_batches(db, now, projects, project, ids, dry_run=args.dry_run):
+            found.update(row.event_id for row in rows)
+            shown += rows[: SHOWN - len(shown)]
+            codes.update(_error_code(row) or "-" for row in rows)
+            advance(done)
+        missing = [event_id for event_id in ids if event_id not in found]
+        why = {event_id: _newest_status(db, projects, event_id) for event_id in missing[:SHOWN]}
+    count = codes.total()
+    verb = "would replay" if args.dry_run else "replayed"
+    if count:
+        sends = "" if args.dry_run else "; the running server sends them within seconds"
+        print(f"{verb} {count:,} failed event(s), same event_id{sends}")
+        print("by error: " + ", ".join(f"{code} {n:,}" for code, n in codes.most_common()))
+        named = [
+            (r.project_id, r.event_id, r.event_name, r.pixel_id, _error_code(r)) for r in shown
+        ]
+        print(
+            table(("PROJECT", "EVENT_ID", "EVENT", "PIXEL", "ERROR"), named, (24, 40, 24, 20, 28))
+        )
+        if count > len(shown):
+            print(f"… and {count - len(shown):,} more")
+    for event_id, status in why.items():
+        reason = "not found" if status is None else f"not failed ({status})"
+        print(f"funnelgate: {_cell(event_id, 80)}: {reason}", file=sys.stderr)
+    if len(missing) > len(why):
+        more = len(missing) - len(why)
+        print(f"funnelgate: and {more:,} more ids not found or not failed", file=sys.stderr)
+    if not count:
+        print("funnelgate: no failed events matched", file=sys.stderr)
+    return 0 if count and not missing else 1
+
+
+def _replay_batches(
+    db: sqlite3.Connection,
+    now: float,
+    projects: Sequence[str],
+    project: str | None,
+    ids: Sequence[str],
+    *,
+    dry_run: bool,
+) -> Iterator[tuple[int, list[EventStatus]]]:
+    """(progress made, rows replayed) per transaction of at most BATCH rows (or ids)."""
+    replay = functools.partial(outbox.replay, db, now=now, limit=BATCH, dry_run=dry_run)
+    if not ids:  # --all-failed: one pass in seq order, so rows failing anew are not met again
+        after = 0
+        while rows := _transaction(
+            db, dry_run, replay, project_id=project, all_failed=True, after_seq=after
+        ):
+            after = rows[-1].seq
+            yield len(rows), rows
+            if len(rows) < BATCH:  # the last: no empty write transaction to find out
+                return
+        return
+    for start in range(0, len(ids), BATCH):
+        chunk = ids[start : start + BATCH]
+        rows = []
+        for p in projects:
+            rows += _transaction(db, dry_run, replay, project_id=p, event_ids=chunk)
+        yield len(chunk), rows
+
+
+def _transaction(
+    db: sqlite3.Connection,
+    read_only: bool,
+    job: Callable[..., list[EventStatus]],
+    **kwargs: Any,
+) -> list[EventStatus]:
+    """`job(**kwargs)` in one write transaction (none for a read)."""
+    if read_only:
+        return job(**kwargs)
+    started = time.monotonic()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = job(**kwargs)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    _let_the_server_write(time.monotonic() - started)
+    return result
+
+
+def _let_the_server_write(held: float) -> None:
+    """A pause after each write transaction, as long as it held the lock and at least 25 ms.
+    SQLite has no queue for its write lock: a writer that found it taken sleeps and retries,
+    at first after 1, 2, 5, 10, 15, 20, 25 ms (sqliteDefaultBusyCallback, sqlite3.c). Taking
+    the lock again at once would starve the server's writer, and every queued call waits on
+    it; a gap this long lets it in between two batches."""
+    time.sleep(max(LOCK_GAP_SECONDS, held))
+
+
+def _newest_status(db: sqlite3.Connection, projects: Sequence[str], event_id: str) -> str | None:
+    """Why an id was not replayed: the status of its newest row, if any."""
+    for project in projects:
+        row = db.execute(
+            "SELECT status FROM outbox WHERE project_id = ? AND event_id = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (project, event_id),
+        ).fetchone()
+        if row:
+            return str(row[0])
+    return None
+
+
+@contextlib.contextmanager
+def _progress(
+    db: sqlite3.Connection, args: argparse.Namespace, project: str | None, ids: Sequence[str]
+) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal's stderr for a replay of more than one batch."""
+    if not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    total = len(ids) or outbox.stats(db, project_id=project)["by_status"]["failed"]
+    if total <= BATCH:
+        yield lambda done: None
+        return
+    from rich.console import Console  # noqa: PLC0415 - only long replays on a terminal
+    from rich.progress import Progress  # noqa: PLC0415
+
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("checking" if args.dry_run else "replaying", total=total)
+        yield lambda done: progress.advance(task, done)

@@ -40,13 +40,25 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 class GraphSettings:
     base_url: str = DEFAULT_GRAPH_BASE_URL
     api_version: str = DEFAULT_GRAPH_API_VERSION
-    timeout_seconds: float = 1.5  # per attempt, Meta's advice
-    retry_deadline_seconds: float = 10.0  # all attempts together; callers time out at ~10 s
+    timeout_seconds: float = 1.5  # per attempt at first; it grows while Meta is slow
     max_connections: int = 100
     # Calls for the same pixel and credentials in one event-loop turn share a Graph request.
     coalesce: bool = True
     # Deliver to the built-in sandbox Graph instead of base_url (dev setup, demos).
     sandbox: bool = False
+
+
+DELIVERY_MODES = ("sync", "queued")
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    mode: str = "sync"  # or "queued": answer 202 once the event is on disk (README, Delivery)
+    # A sync call's time for Meta's answer; past it the event is queued and the call answers
+    # 202. Well inside the ~10 s callers allow, leaving room for the queueing and the network.
+    sync_budget_seconds: float = 4.0
+    max_queued_events: int = 1_000_000  # pending events; past it, 503 QUEUE_FULL
+    max_concurrent_requests: int = 8  # the dispatcher's Graph requests in flight
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class StorageSettings:
     # Read again when a stored token names a key added to the file after start-up.
     secret_key_file: Path | None = None
     secret_key_origin: str = ""  # for messages: where the keys came from
+    retention_days: float = 7.0  # delivered and failed events are kept this long
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,7 @@ class Project:
     facebook_app_secret: str | None = field(default=None, repr=False)
     default_phone_region: str | None = None  # ISO alpha-2: national phone numbers' country
     test_event_code: str | None = None  # sends every event to Meta's Test Events tool
+    delivery_mode: str | None = None  # overrides [delivery] mode for this project
 
 
 @dataclass(frozen=True)
@@ -83,14 +97,19 @@ class Config:
     storage: StorageSettings
     projects: dict[str, Project]
     server: ServerSettings = field(default_factory=ServerSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
     source: Path | None = None
 
+    def delivery_mode(self, project: Project) -> str:
+        return project.delivery_mode or self.delivery.mode
 
-_TOP_LEVEL = ("graph", "storage", "server", "projects")
-_STORAGE_KEYS = ("url", "secret_key_file")
+
+_TOP_LEVEL = ("graph", "storage", "server", "delivery", "projects")
+_STORAGE_KEYS = ("url", "secret_key_file", "retention_days")
 _SECRETS = ("facebook_access_token", "facebook_app_secret")
 _PROJECT_KEYS = (
     "id", "jwt_public_key", "jwt_public_key_file", "default_phone_region", "test_event_code",
+    "delivery_mode",
     *(f"{name}{suffix}" for name in _SECRETS for suffix in ("", "_file", "_env")),
 )  # fmt: skip
 
@@ -118,6 +137,7 @@ def parse_config(
         graph = GraphSettings(**{**graph.__dict__, "base_url": url.rstrip("/")})
     storage = _storage(_table(raw, "storage", where), base_dir, env, f"{where}, [storage]")
     server = _server(_table(raw, "server", where), f"{where}, [server]")
+    delivery = _delivery(_table(raw, "delivery", where), f"{where}, [delivery]")
     projects_raw = raw.get("projects", [])
     if not isinstance(projects_raw, list) or not projects_raw:
         raise ConfigError(f"{where}: at least one [[projects]] table is required")
@@ -127,7 +147,14 @@ def parse_config(
         if project.id in projects:
             raise ConfigError(f"{where}: project id {project.id!r} appears twice")
         projects[project.id] = project
-    return Config(graph=graph, storage=storage, server=server, projects=projects, source=source)
+    return Config(
+        graph=graph,
+        storage=storage,
+        server=server,
+        delivery=delivery,
+        projects=projects,
+        source=source,
+    )
 
 
 def _refuse_unknown(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -187,9 +214,6 @@ def _graph(table: dict[str, Any], where: str) -> GraphSettings:
         base_url=base_url,
         api_version=api_version,
         timeout_seconds=_number(table, "timeout_seconds", where, defaults.timeout_seconds),
-        retry_deadline_seconds=_number(
-            table, "retry_deadline_seconds", where, defaults.retry_deadline_seconds
-        ),
         max_connections=_count(table, "max_connections", where, defaults.max_connections),
         coalesce=_flag(table, "coalesce", where, defaults.coalesce),
         sandbox=_flag(table, "sandbox", where, defaults.sandbox),
@@ -201,17 +225,18 @@ def _storage(
 ) -> StorageSettings:
     _refuse_unknown(table, _STORAGE_KEYS, where)
     database = _sqlite_path(_str(table, "url", where, "sqlite:///funnelgate.db"), base_dir, where)
+    retention = _number(table, "retention_days", where, StorageSettings.retention_days)
     if from_env := env.get(SECRET_KEY_ENV, "").strip():  # wins over the file, as env does
         keys = parse_secret_keys(from_env, SECRET_KEY_ENV)
-        return StorageSettings(database, keys, None, SECRET_KEY_ENV)
+        return StorageSettings(database, keys, None, SECRET_KEY_ENV, retention)
     if "secret_key_file" not in table:
-        return StorageSettings(database)
+        return StorageSettings(database, retention_days=retention)
     key_file = base_dir / _str(table, "secret_key_file", where)
     try:
         keys = read_secret_key_file(key_file)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return StorageSettings(database, keys, key_file, f"secret_key_file {key_file}")
+    return StorageSettings(database, keys, key_file, f"secret_key_file {key_file}", retention)
 
 
 def _sqlite_path(url: str, base_dir: Path, where: str) -> Path:
@@ -233,6 +258,28 @@ def _server(table: dict[str, Any], where: str) -> ServerSettings:
         trusted_proxies=tuple(_proxy(entry, where) for entry in proxies),
         shutdown_seconds=_number(table, "shutdown_seconds", where, defaults.shutdown_seconds),
     )
+
+
+def _delivery(table: dict[str, Any], where: str) -> DeliverySettings:
+    defaults = DeliverySettings()
+    _refuse_unknown(table, tuple(defaults.__dict__), where)
+    return DeliverySettings(
+        mode=_mode(table, "mode", where, defaults.mode),
+        sync_budget_seconds=_number(
+            table, "sync_budget_seconds", where, defaults.sync_budget_seconds
+        ),
+        max_queued_events=_count(table, "max_queued_events", where, defaults.max_queued_events),
+        max_concurrent_requests=_count(
+            table, "max_concurrent_requests", where, defaults.max_concurrent_requests
+        ),
+    )
+
+
+def _mode(table: dict[str, Any], key: str, where: str, default: str) -> str:
+    value = table.get(key, default)
+    if value not in DELIVERY_MODES:
+        raise ConfigError(f'{where}: {key} must be "sync" or "queued" (got {value!r})')
+    return str(value)
 
 
 def _proxy(entry: Any, where: str) -> str:
@@ -295,6 +342,7 @@ def _project(item: Any, base_dir: Path, env: dict[str, str], where: str) -> Proj
         facebook_app_secret=_secret(item, "facebook_app_secret", base_dir, env, where),
         default_phone_region=region.upper() if region else None,
         test_event_code=item.get("test_event_code"),
+        delivery_mode=_mode(item, "delivery_mode", where, "") if "delivery_mode" in item else None,
     )
 
 

@@ -6,10 +6,14 @@
     ├── IntegrationNotEnabled . 400 INTEGRATION_NOT_ENABLED
     ├── Unauthorized .......... 401 UNAUTHORIZED
     ├── NotFound .............. 404 UNKNOWN_PROJECT / UNKNOWN_TOOL / NOT_FOUND
+    ├── IdempotencyInProgress . 409 IDEMPOTENCY_IN_PROGRESS (retryable, Retry-After)
     ├── MethodNotAllowed ...... 405 METHOD_NOT_ALLOWED
     ├── PayloadTooLarge ....... 413 PAYLOAD_TOO_LARGE
+    ├── IdempotencyKeyReused .. 422 IDEMPOTENCY_KEY_REUSED
     ├── UnsupportedMediaType .. 415 UNSUPPORTED_MEDIA_TYPE
     ├── Overloaded ............ 503 OVERLOADED (retryable, Retry-After)
+    │   ├── QueueFull ......... 503 QUEUE_FULL (retryable, Retry-After)
+    │   └── StorageUnavailable  503 STORAGE_UNAVAILABLE (retryable, Retry-After)
     ├── UpstreamError ......... Graph API failures (+ event_ids, upstream: {...})
     │   ├── UpstreamRejected .. 400 UPSTREAM_REJECTED
     │   ├── UpstreamAuth ...... 502 UPSTREAM_AUTH
@@ -116,6 +120,36 @@ class MethodNotAllowed(FunnelgateError):
         return {"Allow": self.allowed}
 
 
+class IdempotencyKeyReused(FunnelgateError):
+    """The draft's 422: the key already names another request."""
+
+    status = 422
+    code = "IDEMPOTENCY_KEY_REUSED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This Idempotency-Key was already used with a different request in the last 24 "
+            "hours; send a new key for a new request."
+        )
+
+
+class IdempotencyInProgress(FunnelgateError):
+    """The draft's 409: the first call with this key has not answered yet."""
+
+    status = 409
+    code = "IDEMPOTENCY_IN_PROGRESS"
+    retryable = True
+
+    def __init__(self) -> None:
+        super().__init__(
+            "A call with this Idempotency-Key is still in progress; retry shortly with the "
+            "same key to get its answer."
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
 class PayloadTooLarge(FunnelgateError):
     status = 413
     code = "PAYLOAD_TOO_LARGE"
@@ -136,6 +170,32 @@ class Overloaded(FunnelgateError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class QueueFull(Overloaded):
+    code = "QUEUE_FULL"
+
+    def __init__(self, limit: int) -> None:
+        FunnelgateError.__init__(
+            self,
+            f"funnelgate's queue holds its limit of {limit} undelivered events "
+            "([delivery] max_queued_events); retry later.",
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "30"}  # the queue drains at Meta's pace, not in a second
+
+
+class StorageUnavailable(Overloaded):
+    code = "STORAGE_UNAVAILABLE"
+
+    def __init__(self) -> None:
+        FunnelgateError.__init__(
+            self, "funnelgate could not write the events to its storage; nothing was queued."
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
 
 
 class UpstreamError(FunnelgateError):

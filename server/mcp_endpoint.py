@@ -44,7 +44,7 @@ from server.errors import (
 )
 from server.logs import clip, log
 from server.responses import error_response, jsonrpc_error_response
-from server.runner import Runner, unknown_tool
+from server.runner import Queued, Runner, unknown_tool
 from tools.base import JsonAnswer, as_json
 from tools.catalog import Entry, inline_refs
 
@@ -125,9 +125,12 @@ async def _call_tool(
         error = InternalError()
         state.error_code = error.code
         return _error_result(error)
-    if isinstance(answer, JsonAnswer):
-        state.fbtrace_id = answer.body.get("fbtrace_id")
-        body = dict(answer.body)
+    if isinstance(answer, Queued | JsonAnswer):
+        # A queued answer carries `events_received` too: it fits EventsReceived.
+        body = (
+            answer.body(state.project_obj.id) if isinstance(answer, Queued) else dict(answer.body)
+        )
+        state.fbtrace_id = body.get("fbtrace_id")
         # MCP 2025-06-18, Tools, Structured Content: the same JSON as text too, for clients
         # that read only `content`.
         return types.CallToolResult(

@@ -11,8 +11,12 @@ from starlette.responses import Response
 from server.errors import FunnelgateError
 
 
-def json_response(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(content), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def error_response(error: FunnelgateError) -> Response:

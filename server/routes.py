@@ -10,17 +10,23 @@ from starlette.responses import Response
 
 from server.access import authenticate
 from server.bodies import read_json_body
-from server.errors import BadRequest
+from server.errors import BadRequest, NotFound
+from server.idempotency import HEADER, Idempotency, derived_ids, fingerprint, parse_key
 from server.listing import FORMATS, as_function, as_paragon
 from server.logs import clip
 from server.responses import json_response
-from server.runner import Runner
+from server.runner import Preferences, Queued, Runner, status_path
 from server.sandbox import SandboxGraph
+from server.storage import outbox
 from tools.base import JsonAnswer
+from tools.limits import MAX_ANY_STRING
+
+MAX_WAIT_SECONDS = 3600  # a `Prefer: wait` beyond this is read as this
 
 
 async def _run(request: Request, name_key: str) -> Response:
     project, user_id = authenticate(request)
+    key = parse_key(request.headers.getlist(HEADER))
     body = await read_json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="INVALID_REQUEST")
@@ -34,7 +40,12 @@ async def _run(request: Request, name_key: str) -> Response:
     runner: Runner = request.app.state.runner
     parameters = body["parameters"]
     if _flag(request, "dry_run", default=False):
-        return json_response(runner.dry_run(project, user_id, tool_name, parameters))
+        # Nothing is sent, so nothing is kept; with a key it shows the ids the call will use.
+        new_id = None
+        if key is not None:
+            new_id = derived_ids(project.id, user_id, key, fingerprint(tool_name, parameters))
+        return json_response(runner.dry_run(project, user_id, tool_name, parameters, new_id=new_id))
+    sent = parameters  # the request's identity: as sent, before the Accept-driven default
     if (
         isinstance(parameters, dict)
         and "response_format" not in parameters
@@ -45,11 +56,75 @@ async def _run(request: Request, name_key: str) -> Response:
         # from openapi.json cannot parse text (MCP keeps its markdown default: README, Tools).
         fmt = "markdown" if _prefers_markdown(request.headers.get("accept", "")) else "json"
         parameters = {**parameters, "response_format": fmt}
-    answer = await runner.run(project, user_id, tool_name, parameters)
-    if isinstance(answer, JsonAnswer):
-        request.state.fbtrace_id = answer.body.get("fbtrace_id")
-        return json_response(answer.body)
-    return Response(answer.text, media_type=answer.media_type)
+    prefer = _preferences(request.headers.getlist("prefer"))
+
+    async def call(new_id: Callable[[], str] | None) -> Response:
+        answer = await runner.run(
+            project, user_id, tool_name, parameters, prefer=prefer, new_id=new_id
+        )
+        if isinstance(answer, Queued):
+            return _accepted(project.id, answer, prefer)
+        applied = _applied(prefer, queued=False)
+        if isinstance(answer, JsonAnswer):
+            request.state.fbtrace_id = answer.body.get("fbtrace_id")
+            return json_response(answer.body, headers=applied)
+        return Response(answer.text, media_type=answer.media_type, headers=applied)
+
+    if key is None:
+        return await call(None)
+    idempotency: Idempotency = request.app.state.idempotency
+    return await idempotency.handle(
+        project.id, user_id, key, tool_name=tool_name, parameters=sent, call=call
+    )
+
+
+def _accepted(project_id: str, queued: Queued, prefer: Preferences) -> Response:
+    """202: on disk, to be delivered; Location names the first event's status."""
+    headers = _applied(prefer, queued=True) or {}
+    if queued.event_ids:
+        headers["Location"] = status_path(project_id, queued.event_ids[0])
+    return json_response(queued.body(project_id), status=202, headers=headers)
+
+
+def _preferences(values: list[str]) -> Preferences:
+    """RFC 7240 §2: `Prefer` is a list of preferences, possibly over several header lines;
+    a preference not understood is ignored, as is a malformed one."""
+    if not values:
+        return Preferences()
+    respond_async = False
+    wait: float | None = None
+    for item in ",".join(values)[:1024].split(","):
+        name, _, value = item.split(";", 1)[0].strip().partition("=")
+        name = name.strip().lower()
+        if name == "respond-async":
+            respond_async = True
+        elif name == "wait" and value.strip().strip('"').isdigit():
+            wait = float(min(int(value.strip().strip('"')), MAX_WAIT_SECONDS))
+    return Preferences(respond_async=respond_async, wait=wait)
+
+
+def _applied(prefer: Preferences, *, queued: bool) -> dict[str, str] | None:
+    """Preference-Applied (RFC 7240 §3): what this answer honoured."""
+    applied = []
+    if prefer.respond_async and queued:
+        applied.append("respond-async")
+    if prefer.wait is not None and not prefer.respond_async:
+        applied.append(f"wait={int(prefer.wait)}")
+    return {"Preference-Applied": ", ".join(applied)} if applied else None
+
+
+async def event_status(request: Request) -> Response:
+    """GET /projects/{id}/events/{event_id}: a queued event's state, for its own user only."""
+    project, user_id = authenticate(request)
+    event_id = request.path_params["event_id"]
+    found = None
+    if len(event_id) <= MAX_ANY_STRING:  # no longer id was ever accepted (tools/limits.py)
+        found = request.app.state.outbox.read(
+            lambda db: outbox.event_status(db, project.id, user_id, event_id)
+        )
+    if found is None:
+        raise NotFound("No queued event with this event_id for this user.", code="NOT_FOUND")
+    return json_response(found.public())
 
 
 def _prefers_markdown(accept: str) -> bool:

@@ -1,24 +1,45 @@
-"""Run Tool: validate, map, resolve the credential, deliver. HTTP-free, so every entry point
-(the ActionKit routes, MCP) shares one path."""
+"""Run Tool: validate, map, resolve the credential, then deliver now or queue. HTTP-free, so
+every entry point (the ActionKit routes, MCP) shares one path.
+
+Sync mode waits for Meta's answer within the call's budget; when Meta is unavailable, slow or
+throttling, the events are queued instead and the call answers `Queued` (a 202 over HTTP).
+Queued mode answers `Queued` as soon as the events are on disk. Either way a queued event is
+the dispatcher's (dispatcher.py) until Meta has it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from server.config import Project
+from server.config import Config, Project
 from server.delivery.graph import Delivery, Sender, request_body
-from server.errors import IntegrationNotEnabled, InvalidParameters, NotFound
-from server.logs import clip
+from server.errors import (
+    IntegrationNotEnabled,
+    InvalidParameters,
+    NotFound,
+    QueueFull,
+    UpstreamUnavailable,
+)
+from server.logs import clip, log
+from server.storage import outbox
 from server.storage.credentials import CredentialStore
+from server.storage.outbox import NewEvent, Outbox
 from server.validation import ParameterValidator
 from tools.base import Answer, BuildContext, EventBatch, InvalidEvent, Violation
 from tools.capi import match_keys
 from tools.catalog import Entry
+
+# A handed-over sync send may still take this long past its attempt timeout before the
+# dispatcher may resend its events.
+_LEASE_MARGIN_SECONDS = 5.0
 
 
 def new_event_id() -> str:
@@ -30,14 +51,54 @@ def unknown_tool(name: str) -> NotFound:
     return NotFound(f"Unknown tool {clip(name, 100)!r}.", code="UNKNOWN_TOOL")
 
 
+@dataclass(frozen=True)
+class Preferences:
+    """What the caller asked for (RFC 7240 `Prefer` over HTTP)."""
+
+    respond_async: bool = False
+    wait: float | None = None  # seconds: caps the sync budget
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The events are on disk and the dispatcher will deliver them."""
+
+    event_ids: list[str]
+    reason: str  # "requested", "queued_mode" or "meta_unavailable"
+    warnings: list[Violation] = field(default_factory=list)
+    error: dict[str, Any] | None = None  # why Meta could not take them now, when it failed
+
+    def body(self, project_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "status": "queued",
+            "event_ids": self.event_ids,
+            "events_received": len(self.event_ids),
+            "reason": self.reason,
+        }
+        if self.event_ids:
+            body["status_url"] = status_path(project_id, self.event_ids[0])
+        if self.error:
+            body["upstream"] = self.error
+        return {**body, **_warnings(self.warnings)}
+
+
+def status_path(project_id: str, event_id: str) -> str:
+    from urllib.parse import quote  # noqa: PLC0415
+
+    return f"/projects/{quote(project_id, safe='')}/events/{quote(event_id, safe='')}"
+
+
 class Runner:
     def __init__(
         self,
         catalog: Mapping[str, Entry],
         credentials: CredentialStore,
         sender: Sender,
+        queue: Outbox,
+        config: Config,
         *,
         graph_url: Callable[[str], str],
+        wake_dispatcher: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = new_event_id,
     ) -> None:
@@ -47,9 +108,13 @@ class Runner:
         }
         self._credentials = credentials
         self._sender = sender  # the Graph client, or a Coalescer in front of it
+        self._queue = queue
+        self._config = config
         self._graph_url = graph_url
+        self._wake = wake_dispatcher
         self._clock = clock
         self._new_id = new_id
+        self._settling: set[asyncio.Task[Any]] = set()
 
     def has_credential(self, project: Project, user_id: str) -> bool:
         return bool(project.facebook_access_token) or self._credentials.has(project.id, user_id)
@@ -61,15 +126,23 @@ class Runner:
             raise IntegrationNotEnabled
         return token
 
-    def prepare(self, project: Project, tool_name: str, parameters: Any) -> EventBatch:
-        """Validated, mapped, hashed events for one call; no I/O."""
+    def prepare(
+        self,
+        project: Project,
+        tool_name: str,
+        parameters: Any,
+        *,
+        new_id: Callable[[], str] | None = None,
+    ) -> EventBatch:
+        """Validated, mapped, hashed events for one call; no I/O. `new_id` makes the ids of
+        events the caller gave none (an Idempotency-Key makes them repeatable)."""
         entry = self.catalog.get(tool_name)
         if entry is None:
             raise unknown_tool(tool_name)
         self._validators[tool_name].check(parameters)
         ctx = BuildContext(
             now=self._clock(),
-            new_event_id=self._new_id,
+            new_event_id=new_id or self._new_id,
             phone_region=project.default_phone_region,
             test_event_code=project.test_event_code,
         )
@@ -78,23 +151,139 @@ class Runner:
         except InvalidEvent as exc:
             raise InvalidParameters(exc.violations) from None
 
-    async def run(self, project: Project, user_id: str, tool_name: str, parameters: Any) -> Answer:
-        """The tool's answer from Meta's (by default Meta's JSON, unwrapped). Nothing is sent
-        unless every check passed."""
-        batch = self.prepare(project, tool_name, parameters)
+    async def run(
+        self,
+        project: Project,
+        user_id: str,
+        tool_name: str,
+        parameters: Any,
+        *,
+        prefer: Preferences = Preferences(),
+        new_id: Callable[[], str] | None = None,
+    ) -> Answer | Queued:
+        """The tool's answer from Meta's (by default Meta's JSON, unwrapped), or `Queued`.
+        Nothing is sent or queued unless every check passed."""
+        batch = self.prepare(project, tool_name, parameters, new_id=new_id)
         token = self.access_token(project, user_id)
+        if prefer.respond_async or self._config.delivery_mode(project) == "queued":
+            await self._enqueue(project.id, user_id, batch)
+            reason = "requested" if prefer.respond_async else "queued_mode"
+            return Queued(batch.event_ids, reason, batch.warnings)
         try:
             delivery = Delivery(batch, token, project.facebook_app_secret)
         except orjson.JSONEncodeError:
-            raise InvalidParameters([Violation("parameters", "cannot be sent as JSON")]) from None
-        answer = await self._sender.send(delivery, project_id=project.id)
-        return self.catalog[tool_name].tool.present({**answer, **_warnings(batch)}, parameters)
+            raise _not_json() from None
+        budget = self._config.delivery.sync_budget_seconds
+        if prefer.wait is not None:
+            budget = min(budget, prefer.wait)
+        sent = self._sender.submit(delivery, project_id=project.id, budget=budget)
+        try:
+            done = await _within(sent, budget)
+        except asyncio.CancelledError:
+            sent.add_done_callback(_observed)
+            raise
+        if not done:
+            return await self._hand_over(project.id, user_id, batch, sent)
+        try:
+            answer = sent.result()
+        except UpstreamUnavailable as exc:
+            error = {"code": exc.code, "message": exc.message, "upstream": exc.upstream}
+            attempts = int(exc.upstream.get("attempts", 0))
+            await self._enqueue(project.id, user_id, batch, attempts=attempts, error=error)
+            return Queued(batch.event_ids, "meta_unavailable", batch.warnings, error)
+        return self.catalog[tool_name].tool.present(
+            {**answer, **_warnings(batch.warnings)}, parameters
+        )
+
+    async def _enqueue(
+        self,
+        project_id: str,
+        user_id: str,
+        batch: EventBatch,
+        *,
+        next_at: float | None = None,
+        attempts: int = 0,
+        error: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """On disk when this returns; the dispatcher is told at once."""
+        limit = self._config.delivery.max_queued_events
+        if self._queue.pending + len(batch.events) > limit:
+            raise QueueFull(limit)
+        try:
+            events = [
+                NewEvent(
+                    project_id, user_id, batch.pixel_id, batch.test_event_code, e, orjson.dumps(e)
+                )
+                for e in batch.events
+            ]
+        except orjson.JSONEncodeError:
+            raise _not_json() from None
+        seqs = await self._queue.enqueue(events, next_at=next_at, attempts=attempts, error=error)
+        self._wake()
+        return seqs
+
+    async def _hand_over(
+        self,
+        project_id: str,
+        user_id: str,
+        batch: EventBatch,
+        sent: asyncio.Future[dict[str, Any]],
+    ) -> Queued:
+        """The budget ran out with Meta's answer still due: queue the events under a lease
+        that outlasts the send, and settle them by its outcome (not a second request)."""
+        lease = self._sender.attempt_timeout() + _LEASE_MARGIN_SECONDS
+        try:
+            seqs = await self._enqueue(project_id, user_id, batch, next_at=self._clock() + lease)
+        except BaseException:
+            sent.add_done_callback(_observed)
+            raise
+
+        def settle(sent: asyncio.Future[dict[str, Any]]) -> None:
+            task = asyncio.ensure_future(self._settle(sent, seqs, project_id))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+        sent.add_done_callback(settle)
+        return Queued(batch.event_ids, "meta_unavailable", batch.warnings)
+
+    async def _settle(
+        self, sent: asyncio.Future[dict[str, Any]], seqs: list[int], project_id: str
+    ) -> None:
+        now = self._clock()
+        answer = None if sent.cancelled() or sent.exception() else sent.result()
+        try:
+            if answer is not None:
+                trace = answer.get("fbtrace_id")
+                done = await self._queue.write(
+                    lambda db: outbox.mark_delivered(db, seqs, now=now, fbtrace_id=trace)
+                )
+                self._queue.finished(done)
+            else:  # the dispatcher takes them from here, with its own judgement
+                due = [(seq, now) for seq in seqs]
+                await self._queue.write(
+                    lambda db: outbox.reschedule(db, due, now=now, error=None, attempted=True)
+                )
+                self._wake()
+        except Exception as exc:  # the lease runs out and the dispatcher sends them
+            log("handover_settle_failed", logging.ERROR, project=project_id,
+                error=type(exc).__name__)  # fmt: skip
+
+    async def drain(self) -> None:
+        """Waits for the settling of handed-over sends (shutdown)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     def dry_run(
-        self, project: Project, user_id: str, tool_name: str, parameters: Any
+        self,
+        project: Project,
+        user_id: str,
+        tool_name: str,
+        parameters: Any,
+        *,
+        new_id: Callable[[], str] | None = None,
     ) -> dict[str, Any]:
         """The exact Graph request the call would make, less credentials; sends nothing."""
-        batch = self.prepare(project, tool_name, parameters)
+        batch = self.prepare(project, tool_name, parameters, new_id=new_id)
         return {
             "dry_run": True,
             "integration_enabled": self.has_credential(project, user_id),
@@ -104,12 +293,43 @@ class Runner:
                 "body": request_body(batch),
             },
             "match_keys": [match_keys(event) for event in batch.events],
-            **_warnings(batch),
+            "delivery_mode": self._config.delivery_mode(project),
+            **_warnings(batch.warnings),
         }
 
 
-def _warnings(batch: EventBatch) -> dict[str, Any]:
+def _warnings(warnings: list[Violation]) -> dict[str, Any]:
     """What the mapping dropped or rewrote, by path (never a value); nothing when all is well."""
-    if not batch.warnings:
+    if not warnings:
         return {}
-    return {"warnings": [{"path": w.path, "message": w.message} for w in batch.warnings]}
+    return {"warnings": [{"path": w.path, "message": w.message} for w in warnings]}
+
+
+async def _within(future: asyncio.Future[Any], seconds: float) -> bool:
+    """Whether `future` is done within `seconds`; unlike asyncio.wait_for it is never
+    cancelled, and it costs a third of asyncio.wait on every call (one timer, one waiter)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    timer = loop.call_later(seconds, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
+
+
+def _not_json() -> InvalidParameters:
+    return InvalidParameters([Violation("parameters", "cannot be sent as JSON")])
+
+
+def _observed(future: asyncio.Future[Any]) -> None:
+    """Retrieves an outcome no one waits for any more (asyncio reports unretrieved errors)."""
+    if not future.cancelled():
+        future.exception()

@@ -74,11 +74,18 @@ def make_client(
             transport: GraphTransport | None = None,
             clock: float | Callable[[], float] = NOW,
             graph_settings: Mapping[str, Any] | None = None,
+            delivery_settings: Mapping[str, Any] | None = None,
             **project: Any,
         ) -> TestClient:
             if config is None:
                 project = {"facebook_access_token": PROJECT_TOKEN, **project}
-                config = make_config(tmp_path, rsa_key, graph_settings=graph_settings, **project)
+                config = make_config(
+                    tmp_path,
+                    rsa_key,
+                    graph_settings=graph_settings,
+                    delivery_settings=delivery_settings,
+                    **project,
+                )
             app = create_app(
                 config,
                 graph_transport=transport or (graph or default_graph).transport(),

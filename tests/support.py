@@ -97,16 +97,15 @@ def make_config(
     key: PrivateKey,
     *,
     graph_settings: Mapping[str, Any] | None = None,
+    delivery_settings: Mapping[str, Any] | None = None,
     **project: Any,
 ) -> Config:
     """A config with one project (PROJECT, verified by `key`'s public half), parsed by the
-    real parser; `graph_settings` are [graph] keys, `project` the project's own keys."""
+    real parser; `graph_settings` are [graph] keys, `delivery_settings` [delivery] keys,
+    `project` the project's own keys."""
     raw = {
-        "graph": {
-            "base_url": "https://graph.example.test",
-            "retry_deadline_seconds": 5.0,
-            **(graph_settings or {}),
-        },
+        "graph": {"base_url": "https://graph.example.test", **(graph_settings or {})},
+        "delivery": {"sync_budget_seconds": 5.0, **(delivery_settings or {})},
         "storage": {"url": "sqlite:///funnelgate.db"},
         "projects": [
             {"id": PROJECT, "jwt_public_key": public_pem(key)}
@@ -294,7 +293,8 @@ class MakeClient(Protocol):
     """The `make_client` fixture: an entered TestClient on the real app, closed at teardown.
 
     `config` defaults to `make_config` with PROJECT_TOKEN as the project-wide token (keys in
-    `project` override or, with None, remove it) and `graph_settings` as [graph] keys; `graph`
+    `project` override or, with None, remove it), `graph_settings` as [graph] keys and
+    `delivery_settings` as [delivery] keys; `graph`
     (default: the `graph` fixture) is wired in-process, unless `transport` replaces it (e.g.
     aiohttp to the fake on loopback); `clock` is the app's (a number for a fixed time).
     """
@@ -307,6 +307,7 @@ class MakeClient(Protocol):
         transport: GraphTransport | None = None,
         clock: float | Callable[[], float] = NOW,
         graph_settings: Mapping[str, Any] | None = None,
+        delivery_settings: Mapping[str, Any] | None = None,
         **project: Any,
     ) -> TestClient: ...
 

@@ -319,10 +319,10 @@ def test_forwarded_headers_are_believed_only_from_trusted_proxies(project_dir: P
 
     path = project_dir / "funnelgate.toml"
     path.write_text(
-        f"[server]\ntrusted_proxies = {proxies}\nshutdown_seconds = 2.5\n" + path.read_text()
+        f"[server]\ntrusted_proxies = {proxies}\nshutdown_seconds = 7\n" + path.read_text()
     )
     settings = uvicorn_config(echo_client, load_config(path, {}), "127.0.0.1", free_port())
-    assert settings.timeout_graceful_shutdown == 3
+    assert settings.timeout_graceful_shutdown == 3  # half of 7 s, whole seconds
     assert settings.proxy_headers is (proxies != "[]")  # no trusted proxy: no rewrite at all
     server = uvicorn.Server(settings)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -44,7 +44,7 @@ def event_ids(graph: FakeGraph) -> list[list[str]]:
 
 def run(graph: FakeGraph, calls: Callable[[Coalescer], Awaitable[Any]]) -> Any:
     async def go() -> Any:
-        settings = GraphSettings(base_url="https://graph.test", retry_deadline_seconds=5)
+        settings = GraphSettings(base_url="https://graph.test")
         client = GraphClient(settings, graph.transport(), sleep=_no_sleep)
         try:
             return await calls(Coalescer(client))
@@ -60,7 +60,7 @@ async def _no_sleep(_: float) -> None:
 
 def send_all(*deliveries: Delivery) -> Callable[[Coalescer], Awaitable[list[Any]]]:
     async def calls(coalescer: Coalescer) -> list[Any]:
-        sends = (coalescer.send(d, project_id="p1") for d in deliveries)
+        sends = (coalescer.submit(d, project_id="p1", budget=5) for d in deliveries)
         return list(await asyncio.gather(*sends, return_exceptions=True))
 
     return calls
@@ -131,10 +131,9 @@ def test_a_caller_that_went_away_is_left_out():
     graph = fake_graph()
 
     async def calls(coalescer: Coalescer) -> list[Any]:
-        leaving = asyncio.ensure_future(coalescer.send(delivery("gone"), project_id="p1"))
-        staying = asyncio.ensure_future(coalescer.send(delivery("stays"), project_id="p1"))
-        await asyncio.sleep(0)  # both are waiting for the loop's turn
-        leaving.cancel()
+        leaving = coalescer.submit(delivery("gone"), project_id="p1", budget=5)
+        staying = coalescer.submit(delivery("stays"), project_id="p1", budget=5)
+        leaving.cancel()  # both are waiting for the loop's turn
         return [await staying]
 
     [answer] = run(graph, calls)

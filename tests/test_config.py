@@ -69,7 +69,10 @@ def test_a_misspelt_project_key_is_refused_with_the_project_named(write):
     ("table", "key"),
     [
         ("graph", "timeout_seconds"),
-        ("graph", "retry_deadline_seconds"),
+        ("delivery", "sync_budget_seconds"),
+        ("delivery", "max_queued_events"),
+        ("delivery", "max_concurrent_requests"),
+        ("storage", "retention_days"),
         ("graph", "max_connections"),
         ("server", "max_in_flight"),
         ("server", "shutdown_seconds"),
@@ -87,6 +90,9 @@ def test_booleans_are_refused_where_numbers_are_expected(write, table, key, valu
         ("[graph]\nmax_connections = 1.5\n", "max_connections must be a positive integer"),
         ("[server]\nmax_in_flight = 0\n", "max_in_flight must be a positive integer"),
         ("[server]\nshutdown_seconds = 0\n", "shutdown_seconds must be a positive number"),
+        ('[delivery]\nmode = "async"\n', 'mode must be "sync" or "queued" (got \'async\')'),
+        ("[delivery]\nmax_queued_events = 0\n", "max_queued_events must be a positive integer"),
+        ("[delivery]\nmode_ = 1\n", "unknown key 'mode_' (did you mean 'mode'?)"),
         ("[server]\nshutdown_seconds = 'ten'\n", "shutdown_seconds must be a positive number"),
         ("[graph]\nsandbox = 1\n", "sandbox must be true or false"),
         ("[graph]\ncoalesce = 'no'\n", "coalesce must be true or false"),
@@ -232,3 +238,16 @@ def test_parse_config_without_a_file_names_the_table(rsa_key: rsa.RSAPrivateKey,
 def test_a_network_written_another_way_is_accepted_in_its_normal_form(write):
     server = write('[server]\ntrusted_proxies = ["2001:DB8::/32", "10.0.0.0/08"]\n').server
     assert server.trusted_proxies == ("2001:db8::/32", "10.0.0.0/8")
+
+
+def test_delivery_mode_is_global_and_per_project(write):
+    config = write(
+        '[delivery]\nmode = "queued"\n\n[[projects]]\nid = "p0"\n'
+        'jwt_public_key_file = "project.pub.pem"\ndelivery_mode = "sync"\n'
+    )
+    assert config.delivery.mode == "queued"
+    assert config.delivery_mode(config.projects["p0"]) == "sync"
+    assert config.delivery_mode(config.projects["p1"]) == "queued"
+    message = refusal(write, '[[projects]]\nid = "p0"\njwt_public_key_file = "project.pub.pem"\n'
+                             'delivery_mode = "later"\n')  # fmt: skip
+    assert 'delivery_mode must be "sync" or "queued" (got \'later\')' in message

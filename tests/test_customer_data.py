@@ -15,6 +15,10 @@ from tools import funnel_event
 from tools.base import BuildContext, EventBatch, InvalidEvent, Violation
 from tools.capi import build_user_data, map_raw_event, pixel_violations, prefixed
 
+# A bound on wall time that linear work meets on any machine, however loaded, and that a
+# catastrophic pattern misses by far (the SDK's e-mail regex took 20 s on 256 KiB).
+NOT_CATASTROPHIC_SECONDS = 1.0
+
 PHONE_EXTENSION = "has an extension: it was dropped, Meta matches the number without it"
 PHONE_CODE_ADDED = (
     "has no country code: the code of the customer's country (else of the project's "
@@ -140,7 +144,7 @@ def test_over_long_customer_value_is_refused_fast_by_parameter() -> None:
     started = time.perf_counter()
     with pytest.raises(InvalidEvent) as caught:
         funnel(customerEmail=email)
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < NOT_CATASTROPHIC_SECONDS
     assert caught.value.violations == [
         Violation("parameters.customerEmail", "is longer than 254 characters")
     ]
@@ -220,7 +224,7 @@ FULL_WIDTH_123 = "\uff11\uff12\uff13"
 def test_pixel_id_with_anything_else_is_refused_quickly(pixel: str) -> None:
     started = time.perf_counter()
     assert pixel_violations(pixel, "p") == [Violation("p", "must be a numeric Pixel (dataset) ID")]
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < NOT_CATASTROPHIC_SECONDS
 
 
 # --- needs the tools/meta_conversion_event.py and tools/send_events.py change -------------------

@@ -1,5 +1,5 @@
-"""The Graph client's waits between attempts: exponential, fully jittered, capped at 2 s
-(README, Delivery and retries)."""
+"""The Graph client's waits between a sync call's attempts: exponential, fully jittered,
+capped at 2 s, and cut short by the shared breaker (README, Delivery and retries)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 from server.config import GraphSettings
 from server.delivery.graph import Delivery, GraphClient
 from server.delivery.policy import backoff_seconds
+from server.delivery.throttle import THRESHOLD
+from server.errors import UpstreamUnavailable
 from tests.support import NOW, PIXEL, FakeGraph, graph_error
 from tools.base import EventBatch
 
@@ -26,10 +28,12 @@ def waits(graph: FakeGraph, rand: Callable[[], float]) -> list[float]:
         slept.append(seconds)
 
     async def go() -> None:
-        settings = GraphSettings(base_url="https://graph.test", retry_deadline_seconds=60)
+        settings = GraphSettings(base_url="https://graph.test")
         client = GraphClient(settings, graph.transport(), sleep=sleep, rand=rand)
         try:
-            await client.send(Delivery(EventBatch(PIXEL, [EVENT]), "EAAB-1"), project_id="p1")
+            await client.send(
+                Delivery(EventBatch(PIXEL, [EVENT]), "EAAB-1"), project_id="p1", budget=60
+            )
         finally:
             await client.aclose()
 
@@ -37,11 +41,39 @@ def waits(graph: FakeGraph, rand: Callable[[], float]) -> list[float]:
     return slept
 
 
-def test_waits_double_from_200_ms_up_to_the_2_s_cap():
+def test_waits_double_between_attempts():
     graph = FakeGraph()
-    graph.script.extend([graph_error(503, 2, is_transient=True)] * 7)
-    assert waits(graph, rand=lambda: 1.0) == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
-    assert len(graph.received) == 8  # the eighth attempt is delivered
+    graph.script.extend([graph_error(503, 2, is_transient=True)] * 2)
+    assert waits(graph, rand=lambda: 1.0) == [0.2, 0.4]
+    assert len(graph.received) == 3  # the third attempt is delivered
+
+
+def test_three_failures_in_a_row_open_the_breaker_for_every_caller():
+    """The shared breaker (server/delivery/throttle.py): after THRESHOLD failures the call
+    gives up, and the next call for the same token and pixel sends nothing."""
+    graph = FakeGraph()
+    graph.script.extend([graph_error(503, 2, is_transient=True)] * 10)
+
+    async def go() -> list[str]:
+        client = GraphClient(GraphSettings(base_url="https://graph.test"), graph.transport(),
+                             sleep=_no_sleep)  # fmt: skip
+        outcomes = []
+        try:
+            for _ in range(2):
+                with pytest.raises(UpstreamUnavailable) as caught:
+                    await client.send(Delivery(EventBatch(PIXEL, [EVENT]), "EAAB-1"),
+                                      project_id="p1", budget=60)  # fmt: skip
+                outcomes.append(str(caught.value.upstream.get("breaker", "attempts")))
+        finally:
+            await client.aclose()
+        return outcomes
+
+    assert asyncio.run(go()) == ["attempts", "open"]
+    assert len(graph.received) == THRESHOLD
+
+
+async def _no_sleep(_seconds: float) -> None:
+    return None
 
 
 @pytest.mark.parametrize("attempt", [1, 4, 5, 30])

@@ -31,6 +31,9 @@ from tools.hashing import (
     sha256_hex,
 )
 
+# A bound on wall time that linear work meets on any machine, however loaded, and that a
+# catastrophic pattern misses by far (the SDK's e-mail regex took 20 s on 256 KiB).
+NOT_CATASTROPHIC_SECONDS = 1.0
 REJECTED = "<rejected by the SDK>"
 HASHED = hashlib.sha256(b"joe@example.com").hexdigest()
 
@@ -586,7 +589,7 @@ def test_email_check_alone_is_linear_on_256_kib_adversarial_input(text: str) -> 
     started = time.perf_counter()
     with contextlib.suppress(NormalizationError):
         _email(text)
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < NOT_CATASTROPHIC_SECONDS
 
 
 @pytest.mark.parametrize("text", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
@@ -595,7 +598,7 @@ def test_every_key_refuses_256_kib_before_any_other_work(key: str, text: str) ->
     started = time.perf_counter()
     with pytest.raises(NormalizationError, match=f"longer than {MAX_CHARS[key]} characters"):
         hash_value(key, text, country="us", phone_region="US", notes=[])
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < NOT_CATASTROPHIC_SECONDS
 
 
 @pytest.mark.parametrize("text", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
@@ -605,7 +608,7 @@ def test_every_key_is_fast_on_adversarial_input_at_its_length_cap(key: str, text
     started = time.perf_counter()
     with contextlib.suppress(NormalizationError):
         hash_value(key, value, country="us", phone_region="US", notes=[])
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < NOT_CATASTROPHIC_SECONDS
 
 
 def test_length_caps_fit_real_values_and_a_sha256() -> None:

@@ -3,6 +3,8 @@ Retry-After on retryable answers, content negotiation for text answers, NumericD
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.support import NOW, PIXEL, PROJECT, funnel_parameters, graph_error
@@ -36,12 +38,18 @@ def test_401_on_mcp_asks_for_a_bearer_token(client):
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_an_unavailable_graph_answer_carries_retry_after(client, graph, sign):
-    graph.script.extend([graph_error(500, 2, is_transient=True)] * 200)
-    response = client.post(URL, json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
-                                      "parameters": funnel_parameters()},
+def test_a_full_queue_answers_503_with_retry_after(make_client, graph, sign):
+    client = make_client(delivery_settings={"mode": "queued", "max_queued_events": 1})
+    graph.script.extend([graph_error(500, 2, is_transient=True)] * 200)  # nothing drains
+
+    def post() -> Any:
+        return client.post(URL, json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT",
+                                      "parameters": funnel_parameters(eventId=None)},
                            headers={"Authorization": f"Bearer {sign()}"})  # fmt: skip
-    assert response.status_code == 502
+
+    assert post().status_code == 202
+    response = post()
+    assert (response.status_code, response.json()["code"]) == (503, "QUEUE_FULL")
     assert response.json()["retryable"] is True
     assert int(response.headers["retry-after"]) > 0
 

@@ -67,7 +67,9 @@ def test_a_shared_request_that_fails_unexpectedly_is_resent_one_call_at_a_time()
         graph = GraphClient(GraphSettings(base_url="https://graph.test"), transport)
         coalescer = Coalescer(graph)
         try:
-            sends = (coalescer.send(delivery(i), project_id="p1") for i in ("a", "b", "c"))
+            sends = (
+                coalescer.submit(delivery(i), project_id="p1", budget=5) for i in ("a", "b", "c")
+            )
             return list(await asyncio.gather(*sends, return_exceptions=True))
         finally:
             await graph.aclose()

@@ -35,6 +35,7 @@ from tools.catalog import inline_refs, load_openapi
 
 OTHER_PROJECT = "project-without-token"
 LOG_PROJECT = "project-for-log-tests"  # the log is process-wide: its lines name the project
+QUEUED_PROJECT = "project-in-queued-mode"
 MODES = ["auto", "legacy"]
 EMAIL = "ada.lovelace@example.com"
 
@@ -58,10 +59,16 @@ def mcp_config(tmp_path: Path, rsa_key, graph_url: str):
     first = config.projects[PROJECT]
     second = dataclasses.replace(first, id=OTHER_PROJECT, facebook_access_token=None)
     logged = dataclasses.replace(first, id=LOG_PROJECT)
+    queued = dataclasses.replace(first, id=QUEUED_PROJECT, delivery_mode="queued")
     return dataclasses.replace(
         config,
         graph=dataclasses.replace(config.graph, base_url=graph_url),
-        projects={**config.projects, OTHER_PROJECT: second, LOG_PROJECT: logged},
+        projects={
+            **config.projects,
+            OTHER_PROJECT: second,
+            LOG_PROJECT: logged,
+            QUEUED_PROJECT: queued,
+        },
     )
 
 
@@ -243,6 +250,24 @@ def test_json_results_carry_structured_content_and_the_same_text(mcp_base, graph
     assert markdown.structured_content is None
     assert markdown.content[0].text.startswith("**Meta received 1 event(s)**")
     assert len(graph.received) == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_queued_answer_passes_the_clients_output_schema_check(mcp_base, graph, sign, mode):
+    async def use(client):
+        return await client.call_tool("FACEBOOK_ADS_SEND_FUNNEL_EVENT", live_funnel_parameters())
+
+    result = anyio.run(with_client, f"{mcp_base}/projects/{QUEUED_PROJECT}/mcp", sign(), use, mode)
+    assert not result.is_error
+    answer = result.structured_content
+    assert (answer["status"], answer["events_received"]) == ("queued", 1)
+    assert answer["status_url"] == f"/projects/{QUEUED_PROJECT}/events/{answer['event_ids'][0]}"
+    assert json.loads(result.content[0].text) == answer
+    deadline = time.monotonic() + 5  # delivered before the next test looks at the fake Graph
+    while not graph.received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [sent] = graph.bodies()
+    assert sent["data"][0]["event_id"] == answer["event_ids"][0]
 
 
 def test_call_tool_delivers_through_the_same_path_as_run_tool(mcp_base, graph, sign):

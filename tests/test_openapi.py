@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import inspect
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from starlette.testclient import TestClient
 from server import errors
 from server.app import create_app
 from server.errors import InvalidParameters
+from server.storage import outbox
 from server.validation import ParameterValidator
 from tests.live import serving
 from tests.support import NOW, PIXEL, PROJECT, FakeGraph, funnel_parameters
@@ -37,6 +40,7 @@ PUBLISHED = ROOT / "tests" / "data" / "actionkit_send_funnel_event.yaml"
 SANDBOX_PATH = "/sandbox/events"
 RUN_PATHS = {"/projects/{project_id}/tools": "tool", "/projects/{project_id}/actions": "action"}
 MCP_PATH = "/projects/{project_id}/mcp"
+STATUS_PATH = "/projects/{project_id}/events/{event_id}"
 
 
 def test_document_is_valid_openapi():
@@ -93,6 +97,10 @@ def test_every_error_code_is_documented_in_openapi_and_readme():
     documented = set(SCHEMAS["Error"]["properties"]["code"]["enum"])
     readme = (ROOT / "README.md").read_text()
     assert codes and codes <= documented, codes - documented
+    # A queued event fails with these codes, plus EVENT_EXPIRED (no HTTP answer carries it).
+    event_codes = SCHEMAS["EventError"]["properties"]["code"]["enum"]
+    assert event_codes == [*SCHEMAS["Error"]["properties"]["code"]["enum"], "EVENT_EXPIRED"]
+    documented |= set(event_codes)
     assert [code for code in sorted(documented) if f"`{code}`" not in readme] == []
 
 
@@ -202,8 +210,9 @@ def test_run_tool_documents_every_status_the_server_can_answer():
         cls.status for cls in vars(errors).values()
         if isinstance(cls, type) and issubclass(cls, errors.FunnelgateError)
     }  # fmt: skip
-    # 504: a Graph timeout (UpstreamUnavailable's status then); 429 and 503: the limits on calls.
-    expected = {200} | error_statuses | {429, 503, 504}
+    # 504: a Graph timeout (UpstreamUnavailable's status then); 429 and 503: the limits on calls;
+    # 202: queued; 409 and 422: Idempotency-Key's in progress and reused.
+    expected = {200, 202} | error_statuses | {409, 422, 429, 503, 504}
     for path in RUN_PATHS:
         assert {int(s) for s in _responses(path, "post")} == expected, path
 
@@ -225,11 +234,196 @@ def test_retryable_and_unauthorized_answers_document_their_headers():
     for path, item in DOCUMENT["paths"].items():
         for method in item:
             responses = _responses(path, method)
-            for status in ("429", "503", "504"):
+            for status in ("409", "429", "503", "504"):
                 if status in responses:
                     assert _header(responses[status], "Retry-After")["required"] is True
             if "401" in responses:
                 assert _header(responses["401"], "WWW-Authenticate")["required"] is True
+
+
+# Durable delivery: Prefer, Idempotency-Key, the 202 and the status of a queued event.
+
+
+def _parameter(parameter: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in parameter:
+        return dict(DOCUMENT["components"]["parameters"][parameter["$ref"].rsplit("/", 1)[-1]])
+    return parameter
+
+
+def _json_schema(response: dict[str, Any]) -> dict[str, Any]:
+    return dict(response["content"]["application/json"]["schema"])
+
+
+def _is_valid(name: str, instance: Any) -> bool:
+    """Against components.schemas[name], formats (date-time) checked too."""
+    schema = {**DOCUMENT, "$ref": f"#/components/schemas/{name}"}
+    return Draft202012Validator(
+        schema, format_checker=Draft202012Validator.FORMAT_CHECKER
+    ).is_valid(instance)
+
+
+@pytest.mark.parametrize("path", RUN_PATHS)
+def test_run_tool_takes_prefer_and_an_idempotency_key(path):
+    parameters = [_parameter(p) for p in DOCUMENT["paths"][path]["post"]["parameters"]]
+    headers = {p["name"]: p for p in parameters if p["in"] == "header"}
+    assert set(headers) == {"Prefer", "Idempotency-Key"}
+    assert not any(p["required"] for p in headers.values())
+    # Unknown preferences are ignored (RFC 7240 §2), so no value of Prefer may be refused.
+    assert headers["Prefer"]["schema"] == {"type": "string"}
+
+
+@pytest.mark.parametrize("path", RUN_PATHS)
+def test_run_tool_documents_the_queued_answer_and_idempotency(path):
+    responses = _responses(path, "post")
+    accepted = responses["202"]
+    assert _json_schema(accepted) == {"$ref": "#/components/schemas/Queued"}
+    assert _header(accepted, "Location")["required"] is True
+    assert not _header(accepted, "Preference-Applied").get("required")  # only when Prefer asked
+    assert "Preference-Applied" in responses["200"]["headers"]
+    # The answers a key replays: 200, 202 and Meta's 400.
+    for status in ("200", "202", "400"):
+        assert _header(responses[status], "Idempotent-Replayed")["schema"] == {
+            "type": "string",
+            "const": "true",
+        }
+    assert "IDEMPOTENCY_IN_PROGRESS" in responses["409"]["description"]
+    assert "IDEMPOTENCY_KEY_REUSED" in responses["422"]["description"]
+    for status in ("409", "422"):
+        assert _json_schema(responses[status]) == {"$ref": "#/components/schemas/Error"}
+    assert {"QUEUE_FULL", "OVERLOADED"} <= set(
+        re.findall(r"[A-Z_]{6,}", responses["503"]["description"])
+    )
+
+
+KEY_SCHEMA = _parameter({"$ref": "#/components/parameters/Idempotency-Key"})["schema"]
+GOOD_KEYS = ['"8e03978e-40d5-43e8-bc93-6894a57f9324"', "order-1001", '"a"', "~",
+             '"' + "k" * 255 + '"', "k" * 255, r'"a\"b"', r'"a\\b"', '"a,b"']  # fmt: skip
+BAD_KEYS = ['""', "", '"' + "k" * 256 + '"', "k" * 256, '"a b"', "a,b", '"abc', '"a"b"',
+            r'"a\qb"', 'a"b', "a\\b", "é", '"é"', '"a"x']  # fmt: skip
+
+
+@pytest.mark.parametrize("key", GOOD_KEYS + BAD_KEYS)
+def test_the_idempotency_key_format(key):
+    """An RFC 8941 String of 1 to 255 visible ASCII characters, or the same characters bare."""
+    assert Draft202012Validator(KEY_SCHEMA).is_valid(key) == (key in GOOD_KEYS)
+
+
+def test_the_idempotency_key_format_is_the_one_the_server_parses():
+    idempotency = pytest.importorskip("server.idempotency")
+    for key in GOOD_KEYS + BAD_KEYS:
+        try:
+            accepted = idempotency.parse_key([key]) is not None
+        except errors.BadRequest:
+            accepted = False
+        assert accepted == (key in GOOD_KEYS), key
+
+
+# The 202 body of issue 10's contract.
+QUEUED = {"status": "queued", "event_ids": ["order-1001", "order-1002"], "events_received": 2,
+          "status_url": f"/projects/{PROJECT}/events/order-1001"}  # fmt: skip
+
+
+def test_the_queued_body_validates():
+    assert _is_valid("Queued", QUEUED)
+    assert _is_valid("Queued", {**QUEUED, "reason": "meta_unavailable",
+                                "warnings": [{"path": "parameters.customerPhone",
+                                              "message": "has no country code"}]})  # fmt: skip
+    for broken in ({**QUEUED, "status": "accepted"}, {**QUEUED, "event_ids": []},
+                   {**QUEUED, "event_ids": [1001]}, {**QUEUED, "events_received": "2"},
+                   {k: v for k, v in QUEUED.items() if k != "status_url"}):  # fmt: skip
+        assert not _is_valid("Queued", broken), broken
+
+
+def test_the_status_route_is_documented():
+    operation = DOCUMENT["paths"][STATUS_PATH]["get"]
+    assert operation["security"] == [{"BearerAuth": []}]
+    assert [(p["name"], p["in"], p["required"]) for p in operation["parameters"]] == [
+        ("project_id", "path", True),
+        ("event_id", "path", True),
+    ]
+    responses = _responses(STATUS_PATH, "get")
+    assert set(responses) == {"200", "401", "404", "405", "500", "503"}
+    assert _json_schema(responses["200"]) == {"$ref": "#/components/schemas/EventStatus"}
+    assert "NOT_FOUND" in responses["404"]["description"]
+    # What a client must know: only queued events have a status; what `held` means.
+    assert "not recorded" in operation["description"]
+    assert "funnelgate credentials set" in operation["description"]
+
+
+EVENT = {"event_id": "order-1001", "event_name": "Purchase", "pixel_id": PIXEL,
+         "event_time": int(NOW), "action_source": "website"}  # fmt: skip
+UPSTREAM = {"message": "Invalid parameter", "type": "OAuthException", "code": 100,
+            "error_subcode": 2804003, "fbtrace_id": "A1b2C3", "http_status": 400, "attempts": 1}  # fmt: skip
+
+
+def _statuses(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """outbox.EventStatus.public() of an event in each state, from a real outbox table."""
+    db = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+    try:
+        outbox.create_schema(db)
+        names = ("queued", "retrying", "held", "delivered", "rejected", "expired")
+        rows = [outbox.NewEvent(PROJECT, "user-1", PIXEL, None, {**EVENT, "event_id": name}, b"{}")
+                for name in names]  # fmt: skip
+        seq = dict(zip(names, outbox.insert(db, rows, now=NOW, next_at=NOW), strict=True))
+        later = NOW + 5
+        rejected = {
+            "code": "UPSTREAM_REJECTED",
+            "message": "Meta refused it.",
+            "upstream": UPSTREAM,
+        }
+        unavailable = {"code": "UPSTREAM_UNAVAILABLE", "message": "Graph answered 503."}
+        refused = {"code": "UPSTREAM_AUTH", "message": "Meta refused the access token.",
+                   "upstream": {**UPSTREAM, "code": 190, "error_subcode": 463}}  # fmt: skip
+        expired = {"code": "EVENT_EXPIRED", "message": "Older than Meta accepts."}
+        outbox.reschedule(db, [(seq["retrying"], later + 30)], now=later, error=unavailable)
+        outbox.mark_held(db, [seq["held"]], now=later, error=refused)
+        outbox.mark_delivered(db, [seq["delivered"]], now=later, fbtrace_id="AbCdEf")
+        outbox.mark_failed(db, [seq["rejected"]], now=later, error=rejected)
+        outbox.mark_failed(db, [seq["expired"]], now=later, error=expired, attempted=False)
+        found = {name: outbox.event_status(db, PROJECT, "user-1", name) for name in names}
+    finally:
+        db.close()
+    return {name: status.public() for name, status in found.items() if status is not None}
+
+
+def test_the_status_of_an_event_in_every_state_validates(tmp_path):
+    statuses = _statuses(tmp_path)
+    assert {name: body["status"] for name, body in statuses.items()} == {
+        "queued": "queued", "retrying": "queued", "held": "queued",
+        "delivered": "delivered", "rejected": "failed", "expired": "failed"}  # fmt: skip
+    properties = set(SCHEMAS["EventStatus"]["properties"])
+    for name, body in statuses.items():
+        assert _is_valid("EventStatus", body), (name, body)
+        assert set(body) <= properties, (name, set(body) - properties)
+    assert statuses["held"]["held"] is True
+    assert "next_attempt_at" in statuses["retrying"]
+    assert statuses["rejected"]["error"]["upstream"]["code"] == 100
+
+
+def test_the_status_schema_refuses_what_a_client_cannot_parse(tmp_path):
+    body = _statuses(tmp_path)["rejected"]
+    for broken in ({**body, "status": "held"}, {**body, "attempts": "1"},
+                   {**body, "updated_at": "yesterday"},
+                   {**body, "error": {**body["error"], "code": "MYSTERY"}},
+                   {k: v for k, v in body.items() if k != "accepted_at"}):  # fmt: skip
+        assert not _is_valid("EventStatus", broken), broken
+
+
+def test_every_example_of_a_json_answer_validates():
+    """The document's own examples (202, event statuses) are answers a client can parse."""
+    checked = 0
+    for item in DOCUMENT["paths"].values():
+        for operation in item.values():
+            for response in operation["responses"].values():
+                media = response.get("content", {}).get("application/json", {})
+                for example in media.get("examples", {}).values():
+                    validator = Draft202012Validator(
+                        {**DOCUMENT, **media["schema"]},
+                        format_checker=Draft202012Validator.FORMAT_CHECKER,
+                    )
+                    assert validator.is_valid(example["value"]), example["summary"]
+                    checked += 1
+    assert checked >= 3
 
 
 # meta_send_conversion_event over HTTP: JSON unless asked for markdown (openapi.json's 200).
@@ -323,3 +517,22 @@ def test_a_generated_client_gets_json_from_the_conversion_event_tool(fgclient, c
     assert response.status_code == 200, response.content
     assert response.parsed.events_received == 1
     assert graph.bodies()[0]["data"][0]["event_name"] == "Purchase"
+
+
+def test_a_generated_client_parses_the_queued_answer_and_every_event_status(fgclient, tmp_path):
+    models = fgclient["models"]
+    queued = models.Queued.from_dict(QUEUED)
+    assert (queued.event_ids, queued.status_url) == (QUEUED["event_ids"], QUEUED["status_url"])
+    for name, body in _statuses(tmp_path).items():
+        status = models.EventStatus.from_dict(body)
+        assert (status.event_id, str(status.status)) == (name, body["status"])
+        assert status.accepted_at.isoformat() == body["accepted_at"].replace("Z", "+00:00")
+        if "error" in body:
+            assert str(status.error.code) == body["error"]["code"]
+    run_tool = inspect.signature(fgclient["run_tool"].sync_detailed).parameters
+    assert {"prefer", "idempotency_key"} <= set(run_tool)
+    status_call = importlib.import_module("fgclient.api.default.get_event_status")
+    assert list(inspect.signature(status_call.sync_detailed).parameters)[:2] == [
+        "project_id",
+        "event_id",
+    ]

@@ -63,7 +63,7 @@ def test_the_request_line_level_follows_the_status(client, graph, sign, log_stre
     auth = {"Authorization": f"Bearer {sign()}"}
     assert client.get("/healthz").status_code == 200
     assert client.post(URL, json={"tool": TOOL, "parameters": {}}).status_code == 401
-    graph.script.extend([graph_error(500, 2, is_transient=True)] * 200)
+    graph.script.append(graph_error(400, 190))
     response = client.post(
         URL, json={"tool": TOOL, "parameters": funnel_parameters()}, headers=auth
     )

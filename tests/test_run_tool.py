@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -254,11 +255,23 @@ def test_transient_error_is_retried_with_the_same_event_id(client, graph, sign):
     assert first.body == second.body  # same bytes, so the same generated event_id
 
 
-@pytest.mark.parametrize("code", [1, 2, 4, 17, 341, 368, 613])
+@pytest.mark.parametrize("code", [1, 2, 341, 368])
 def test_transient_codes_are_retried(client, graph, sign, code):
     graph.script.append(graph_error(400, code))
     assert call(client, sign, funnel_parameters()).status_code == 200
     assert len(graph.received) == 2
+
+
+@pytest.mark.parametrize("code", [4, 17, 613, 80004])
+def test_throttling_queues_the_event_at_once(client, graph, sign, code):
+    """Meta asks to slow down: no second request; the event is queued for the dispatcher,
+    behind the pixel's breaker (server/delivery/throttle.py)."""
+    graph.script.append(graph_error(400, code))
+    response = call(client, sign, funnel_parameters())
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert (body["reason"], body["upstream"]["upstream"]["code"]) == ("meta_unavailable", code)
+    assert len(graph.received) == 1
 
 
 def test_permanent_rejection_is_not_retried_and_carries_metas_details(client, graph, sign):
@@ -286,26 +299,28 @@ def test_token_and_permission_errors_are_upstream_auth(client, graph, sign, code
     assert len(graph.received) == 1
 
 
-def test_giving_up_on_5xx_is_502_unavailable_and_retryable(make_client, graph, sign):
-    client = make_client(graph_settings={"retry_deadline_seconds": 0.8})
+def test_giving_up_on_5xx_queues_the_event_with_metas_last_answer(make_client, graph, sign):
+    client = make_client(delivery_settings={"sync_budget_seconds": 0.8})
     graph.script.extend([Step(503, content=b"<html>busy</html>")] * 100)
     response = call(client, sign, funnel_parameters())
     body = response.json()
-    assert (response.status_code, body["code"], body["retryable"]) == (
-        502,
-        "UPSTREAM_UNAVAILABLE",
-        True,
-    )
-    assert body["upstream"]["attempts"] == len(graph.received) >= 2
+    assert (response.status_code, body["status"], body["reason"]) == (
+        202, "queued", "meta_unavailable",
+    )  # fmt: skip
+    assert body["upstream"]["code"] == "UPSTREAM_UNAVAILABLE"
+    assert body["upstream"]["upstream"]["http_status"] == 503
+    assert len(graph.received) >= 2
     assert len({r.body for r in graph.received}) == 1
 
 
-def test_timeouts_end_in_504(make_client, graph, sign):
-    settings = {"timeout_seconds": 0.05, "retry_deadline_seconds": 0.4}
-    client = make_client(graph_settings=settings)
+def test_timeouts_queue_the_event_within_the_budget(make_client, graph, sign):
+    settings = {"timeout_seconds": 0.05}
+    client = make_client(graph_settings=settings, delivery_settings={"sync_budget_seconds": 0.4})
     graph.script.extend([Step(delay=1.0)] * 20)
+    started = time.monotonic()
     response = call(client, sign, funnel_parameters())
-    assert (response.status_code, response.json()["code"]) == (504, "UPSTREAM_UNAVAILABLE")
+    assert time.monotonic() - started < 3.0  # the 0.4 s budget, not the default 5 s
+    assert (response.status_code, response.json()["reason"]) == (202, "meta_unavailable")
 
 
 @pytest.mark.parametrize(
@@ -377,11 +392,11 @@ def test_list_tools_and_health_answer_with_a_trailing_slash(client, sign):
 # Graph answers decided by their HTTP status alone (policy.py's table, README's Delivery)
 
 
-def test_http_429_without_a_known_code_is_retried(client, graph, sign):
+def test_http_429_without_a_known_code_is_throttling(client, graph, sign):
     graph.script.append(Step(429, error={"message": "Too many calls", "type": "OAuthException"}))
     response = call(client, sign, funnel_parameters())
-    assert response.status_code == 200
-    assert len(graph.received) == 2
+    assert response.status_code == 202
+    assert len(graph.received) == 1
 
 
 @pytest.mark.parametrize("status", [401, 403])

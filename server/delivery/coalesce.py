@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -26,8 +27,9 @@ from server.logs import log, request_id_var, set_request_id
 
 # Deliveries that may share a request: same project, pixel, credentials and test code.
 _Key = tuple[str, str, str, str | None, str | None]
-# A delivery, its caller's future and its caller's request id (for the lines of a lone send).
-_Waiting = tuple[Delivery, "asyncio.Future[dict[str, Any]]", str | None]
+# A delivery, its caller's future, its caller's request id (for the lines of a lone send) and
+# when its caller's budget ends (time.monotonic()).
+_Waiting = tuple[Delivery, "asyncio.Future[dict[str, Any]]", str | None, float]
 
 
 class Coalescer:
@@ -36,8 +38,13 @@ class Coalescer:
         self._waiting: defaultdict[_Key, list[_Waiting]] = defaultdict(list)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def send(self, delivery: Delivery, *, project_id: str) -> dict[str, Any]:
-        """Meta's answer for this delivery's own events; raises like GraphClient.send."""
+    def attempt_timeout(self) -> float:
+        return self._graph.attempt_timeout()
+
+    def submit(
+        self, delivery: Delivery, *, project_id: str, budget: float
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Meta's answer for this delivery's own events, or GraphClient.send's error."""
         loop = asyncio.get_running_loop()
         if not self._waiting:
             # A shared request belongs to no one caller: its lines carry no request id.
@@ -51,8 +58,9 @@ class Coalescer:
             batch.test_event_code,
         )
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._waiting[key].append((delivery, future, request_id_var.get()))
-        return await future
+        deadline = time.monotonic() + budget
+        self._waiting[key].append((delivery, future, request_id_var.get(), deadline))
+        return future
 
     def _dispatch(self) -> None:
         waiting, self._waiting = self._waiting, defaultdict(list)
@@ -75,10 +83,13 @@ class Coalescer:
         delivery: Delivery,
         future: asyncio.Future[dict[str, Any]],
         request_id: str | None,
+        deadline: float,
     ) -> None:
         set_request_id(request_id)  # this task's own context: the caller's id on its lines
         try:
-            answer = await self._graph.send(delivery, project_id=project_id)
+            answer = await self._graph.send(
+                delivery, project_id=project_id, budget=deadline - time.monotonic()
+            )
         except Exception as exc:  # every failure belongs to its caller
             _settle(future, exc)
         else:
@@ -86,21 +97,24 @@ class Coalescer:
 
     async def _together(self, project_id: str, group: list[_Waiting]) -> None:
         try:
-            combined = Delivery.combined([delivery for delivery, _, _ in group])
-            answer = await self._graph.send(combined, project_id=project_id)
+            combined = Delivery.combined([delivery for delivery, _, _, _ in group])
+            # The group waits as long as its most patient caller; the others are answered
+            # at their own deadline (runner.py), their events queued if Meta is that slow.
+            budget = max(deadline for *_, deadline in group) - time.monotonic()
+            answer = await self._graph.send(combined, project_id=project_id, budget=budget)
         except UpstreamRejected:
             log("graph_group_refused", project=project_id, calls=len(group))
             await self._each_alone(project_id, group)
         except UpstreamError as exc:
             # Credentials and availability concern every event of the group alike.
-            for delivery, future, _ in group:
+            for delivery, future, _, _ in group:
                 _settle(future, exc.for_caller(delivery.batch.event_ids))
         except Exception as exc:  # not Meta's verdict: no caller pays for sharing
             log("graph_group_failed", logging.ERROR, project=project_id, calls=len(group),
                 error=type(exc).__name__)  # fmt: skip
             await self._each_alone(project_id, group)
         else:
-            for delivery, future, _ in group:
+            for delivery, future, _, _ in group:
                 _settle(future, {**answer, "events_received": len(delivery.batch.events)})
 
     async def _each_alone(self, project_id: str, group: list[_Waiting]) -> None:

@@ -21,9 +21,11 @@ import orjson
 
 from server.config import GraphSettings
 from server.delivery.policy import Verdict, backoff_seconds, classify
+from server.delivery.throttle import THROTTLE_CODES, Breakers, Key
+from server.delivery.timeouts import AttemptTimeouts
 from server.delivery.transport import ConnectionFailed, GraphTransport
 from server.errors import UpstreamAuth, UpstreamError, UpstreamRejected, UpstreamUnavailable
-from server.logs import elapsed_ms, log
+from server.logs import log
 from tools.base import EventBatch
 
 PARTNER_AGENT = "funnelgate"
@@ -79,26 +81,54 @@ def request_body(batch: EventBatch) -> dict[str, Any]:
 
 def signed_body(delivery: Delivery) -> dict[str, Any]:
     """The JSON body Graph receives, token and appsecret_proof included."""
-    body = request_body(delivery.batch)
-    body["data"] = orjson.Fragment(delivery.data)
-    body["access_token"] = delivery.access_token
-    if delivery.app_secret:
+    return signed_body_of(
+        delivery.data, delivery.batch.test_event_code, delivery.access_token, delivery.app_secret
+    )
+
+
+def signed_body_of(
+    data: bytes, test_event_code: str | None, access_token: str, app_secret: str | None
+) -> dict[str, Any]:
+    """The same body from events already serialised (a JSON array), as the outbox holds them."""
+    body: dict[str, Any] = {"data": orjson.Fragment(data), "partner_agent": PARTNER_AGENT}
+    if test_event_code:
+        body["test_event_code"] = test_event_code
+    body["access_token"] = access_token
+    if app_secret:
         body["appsecret_proof"] = hmac.new(
-            delivery.app_secret.encode(), delivery.access_token.encode(), hashlib.sha256
+            app_secret.encode(), access_token.encode(), hashlib.sha256
         ).hexdigest()
     return body
 
 
 class Sender(Protocol):
-    async def send(self, delivery: Delivery, *, project_id: str) -> dict[str, Any]: ...
+    def submit(
+        self, delivery: Delivery, *, project_id: str, budget: float
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Meta's answer for the delivery's events, or an UpstreamError, in a future."""
+
+    def attempt_timeout(self) -> float:
+        """How long an attempt started now may wait for Meta."""
 
 
 @dataclass
-class _Attempt:
+class Attempt:
+    """One request's outcome, classified."""
+
     verdict: Verdict
     status: int | None = None
     payload: dict[str, Any] | None = None
-    failure: str = ""  # "timeout" or "connection" when no answer came back
+    failure: str = ""  # "timeout", "connection" or "bad_response" when Graph's JSON never came
+    seconds: float = 0.0
+
+    @property
+    def error(self) -> dict[str, Any]:
+        error = (self.payload or {}).get("error")
+        return error if isinstance(error, dict) else {}
+
+    @property
+    def throttled(self) -> bool:
+        return self.error.get("code") in THROTTLE_CODES or self.status == 429
 
 
 class GraphClient:
@@ -107,11 +137,14 @@ class GraphClient:
         settings: GraphSettings,
         transport: GraphTransport,
         *,
+        breakers: Breakers | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._settings = settings
         self._transport = transport
+        self.breakers = breakers or Breakers()
+        self.timeouts = AttemptTimeouts(settings.timeout_seconds)  # the sync calls' clock
         self._sleep = sleep
         self._rand = rand
 
@@ -122,66 +155,114 @@ class GraphClient:
         s = self._settings
         return f"{s.base_url}/{s.api_version}/{quote(pixel_id, safe='')}/events"
 
-    async def send(self, delivery: Delivery, *, project_id: str) -> dict[str, Any]:
+    def attempt_timeout(self) -> float:
+        return self.timeouts.current()
+
+    def submit(
+        self, delivery: Delivery, *, project_id: str, budget: float
+    ) -> asyncio.Future[dict[str, Any]]:
+        return asyncio.ensure_future(self.send(delivery, project_id=project_id, budget=budget))
+
+    async def send(self, delivery: Delivery, *, project_id: str, budget: float) -> dict[str, Any]:
         """Meta's success body; raises an UpstreamError once retrying cannot help.
 
-        Every attempt sends the same bytes, so event_ids stay stable for deduplication.
+        No attempt starts after `budget` seconds, but a started one is not cut at the budget:
+        Meta may be processing it, and a resend would be a second copy. Every attempt sends
+        the same bytes, so event_ids stay stable for deduplication.
         """
-        url = self.url(delivery.batch.pixel_id)
+        pixel_id = delivery.batch.pixel_id
+        key = (delivery.access_token, pixel_id)
+        if not self.breakers.allow(key):
+            raise UpstreamUnavailable(
+                "Meta is throttling or failing requests for this pixel; the event is queued.",
+                {"attempts": 0, "breaker": "open"},
+                event_ids=delivery.batch.event_ids,
+            )
+        url = self.url(pixel_id)
         content = orjson.dumps(signed_body(delivery))
-        deadline = time.monotonic() + self._settings.retry_deadline_seconds
+        deadline = time.monotonic() + budget
         attempt = 0
         while True:
             attempt += 1
-            budget = min(self._settings.timeout_seconds, deadline - time.monotonic())
-            started = time.perf_counter()
-            result = await self._attempt(url, content, budget)
-            error = (result.payload or {}).get("error") or {}
-            log(
-                "graph_attempt",
-                project=project_id,
-                pixel=delivery.batch.pixel_id,
-                events=len(delivery.batch.events),
-                attempt=attempt,
-                status=result.status,
-                verdict=result.verdict.value,
-                failure=result.failure or None,
-                code=error.get("code"),
-                subcode=error.get("error_subcode"),
-                fbtrace_id=(result.payload or error).get("fbtrace_id"),
-                duration_ms=elapsed_ms(started),
-            )
+            try:
+                result = await self.attempt(url, content, self.timeouts)
+            except BaseException:
+                self.breakers.abandoned(key)
+                raise
+            log_attempt(result, project_id, pixel_id, len(delivery.batch.events), attempt)
+            self.judge(key, result)
             if result.verdict is Verdict.DELIVERED and result.payload is not None:
                 return result.payload
             if result.verdict is not Verdict.RETRY:
-                raise _final_error(result, attempt, delivery.batch.event_ids)
+                raise final_error(result, attempt, delivery.batch.event_ids)
             delay = backoff_seconds(attempt, rand=self._rand)
-            if time.monotonic() + delay + _MIN_ATTEMPT_SECONDS > deadline:
-                raise _final_error(result, attempt, delivery.batch.event_ids)
+            out_of_time = time.monotonic() + delay + _MIN_ATTEMPT_SECONDS > deadline
+            if out_of_time or not self.breakers.allow(key):
+                raise final_error(result, attempt, delivery.batch.event_ids)
             await self._sleep(delay)
 
-    async def _attempt(self, url: str, content: bytes, budget: float) -> _Attempt:
+    def judge(self, key: Key, result: Attempt) -> None:
+        """Feed the shared breaker with an answer."""
+        if result.verdict is Verdict.RETRY:
+            self.breakers.failed(key, throttled=result.throttled)
+        else:
+            self.breakers.succeeded(key)
+
+    async def attempt(self, url: str, content: bytes, timeouts: AttemptTimeouts) -> Attempt:
+        """One POST, on `timeouts`' current clock (which learns from it)."""
+        timeout = timeouts.current()
+        started = time.perf_counter()
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout(timeout):
                 answer = await self._transport.post(url, content)
         except TimeoutError:
-            return _Attempt(Verdict.RETRY, failure="timeout")
+            timeouts.timed_out(timeout)
+            return Attempt(Verdict.RETRY, failure="timeout", seconds=timeout)
         except ConnectionFailed:
-            return _Attempt(Verdict.RETRY, failure="connection")
+            return Attempt(Verdict.RETRY, failure="connection", seconds=_since(started))
+        seconds = _since(started)
+        timeouts.answered(seconds)
         try:
             payload = orjson.loads(answer.body)
         except orjson.JSONDecodeError:
             payload = None
         if not isinstance(payload, dict):
             # An answer that is not Graph's JSON (a proxy page, a truncated body): transient.
-            return _Attempt(Verdict.RETRY, status=answer.status, failure="bad_response")
+            return Attempt(
+                Verdict.RETRY, status=answer.status, failure="bad_response", seconds=seconds
+            )
         error = payload.get("error")
         verdict = classify(answer.status, error if isinstance(error, dict) else {})
-        return _Attempt(verdict, status=answer.status, payload=payload)
+        return Attempt(verdict, status=answer.status, payload=payload, seconds=seconds)
 
 
-def _final_error(result: _Attempt, attempts: int, event_ids: list[str]) -> UpstreamError:
-    error = (result.payload or {}).get("error") or {}
+def _since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def log_attempt(
+    result: Attempt, project_id: str, pixel_id: str, events: int, attempt: int, **more: Any
+) -> None:
+    error = result.error
+    log(
+        "graph_attempt",
+        project=project_id,
+        pixel=pixel_id,
+        events=events,
+        attempt=attempt,
+        status=result.status,
+        verdict=result.verdict.value,
+        failure=result.failure or None,
+        code=error.get("code"),
+        subcode=error.get("error_subcode"),
+        fbtrace_id=(result.payload or error).get("fbtrace_id"),
+        duration_ms=round(result.seconds * 1000, 2),
+        **more,
+    )
+
+
+def final_error(result: Attempt, attempts: int, event_ids: list[str]) -> UpstreamError:
+    error = result.error
     upstream: dict[str, Any] = {k: error[k] for k in _UPSTREAM_KEYS if k in error}
     upstream["http_status"] = result.status
     upstream["attempts"] = attempts

@@ -16,6 +16,7 @@ writer, writer.py) and the CLI (its own connection) share them.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from typing import Any, TypeVar
 
 import orjson
 
+from server.errors import StorageUnavailable
+from server.logs import log
+from server.storage import idempotency
 from server.storage.writer import Writer, connect
 from tools.capi import MAX_AGE_SECONDS, MAX_AGE_SECONDS_PHYSICAL_STORE
 
@@ -153,9 +157,12 @@ def next_due(db: sqlite3.Connection) -> float | None:
 
 
 def pending_count(db: sqlite3.Connection) -> int:
-    return int(
-        db.execute("SELECT count(*) FROM outbox WHERE status IN ('queued', 'held')").fetchone()[0]
-    )
+    """Queued and held rows, counted on their partial indexes."""
+    row = db.execute(
+        "SELECT (SELECT count(*) FROM outbox WHERE status = 'queued') + "
+        "(SELECT count(*) FROM outbox WHERE status = 'held')"
+    ).fetchone()
+    return int(row[0])
 
 
 def mark_delivered(
@@ -216,24 +223,53 @@ def reschedule(
 
 
 def release_held(
-    db: sqlite3.Connection, *, now: float, project_id: str | None = None, user_id: str | None = None
+    db: sqlite3.Connection,
+    *,
+    now: float,
+    project_id: str | None = None,
+    user_id: str | None = None,
+    limit: int = -1,
 ) -> int:
-    """Held events (all, a project's, or one user's) due again now."""
+    """Held events (all, a project's, or one user's) due again now; at most `limit` of them
+    (-1: all), so a caller can commit in steps."""
     return db.execute(
-        "UPDATE outbox SET status = 'queued', next_at = ?, updated_at = ? WHERE status = 'held' "
-        "AND (?3 IS NULL OR project_id = ?3) AND (?4 IS NULL OR user_id = ?4)",
-        (now, now, project_id, user_id),
+        "UPDATE outbox SET status = 'queued', next_at = ?, updated_at = ? WHERE seq IN "  # noqa: S608
+        f"(SELECT seq FROM outbox WHERE {_held_where(project_id, user_id)} LIMIT ?)",
+        (now, now, *_held_args(project_id, user_id), limit),
     ).rowcount
 
 
 def fail_held(
-    db: sqlite3.Connection, *, now: float, project_id: str, user_id: str, error: dict[str, Any]
+    db: sqlite3.Connection,
+    *,
+    now: float,
+    project_id: str,
+    user_id: str,
+    error: dict[str, Any],
+    limit: int = -1,
 ) -> int:
+    """One user's held events failed with `error`; at most `limit` of them (-1: all)."""
     return db.execute(
-        "UPDATE outbox SET status = 'failed', updated_at = ?, error = ? "
-        "WHERE status = 'held' AND project_id = ? AND user_id = ?",
-        (now, orjson.dumps(error), project_id, user_id),
+        "UPDATE outbox SET status = 'failed', updated_at = ?, error = ? WHERE seq IN "  # noqa: S608
+        f"(SELECT seq FROM outbox WHERE {_held_where(project_id, user_id)} LIMIT ?)",
+        (now, orjson.dumps(error), project_id, user_id, limit),
     ).rowcount
+
+
+def _held_where(project_id: str | None, user_id: str | None) -> str:
+    """Literal conditions, so one user's held rows come from the `outbox_held` index rather
+    than a scan (a `? IS NULL OR` condition keeps SQLite's planner off the index)."""
+    if project_id is None:
+        return "status = 'held'"
+    if user_id is None:
+        return "status = 'held' AND project_id = ?"
+    return "status = 'held' AND project_id = ? AND user_id = ?"
+
+
+def _held_args(project_id: str | None, user_id: str | None) -> tuple[str, ...]:
+    if project_id is None:
+        return ()
+    return (project_id,) if user_id is None else (project_id, user_id)
 
 
 def prune(db: sqlite3.Connection, *, before: float, limit: int = 5000) -> int:
@@ -366,31 +402,49 @@ def replay(
     project_id: str | None = None,
     event_ids: Sequence[str] = (),
     all_failed: bool = False,
+    after_seq: int = 0,
     limit: int = 1000,
-) -> list[int]:
-    """Failed events (named, or all) queued again with the same event_id and body; the seqs
-    replayed. Each call does at most `limit`, so a long replay commits as it goes."""
+    dry_run: bool = False,
+) -> list[EventStatus]:
+    """Failed events (named, or all) queued again now with the same event_id and body; the
+    rows replayed, as they were. A row a newer row of the same event supersedes (the caller
+    sent it again) is left alone.
+
+    Each call does at most `limit`: with `all_failed`, the failed rows after `after_seq` in
+    seq order (pass the last seq returned to go on, so a long replay commits as it goes and
+    never meets the rows it replayed again if they fail anew); with `event_ids`, the first
+    `limit` ids, looked up in `project_id` (required: the index is (project_id, event_id)).
+    `dry_run` only reads."""
+    newest = (
+        "NOT EXISTS (SELECT 1 FROM outbox AS newer WHERE newer.project_id = outbox.project_id "
+        "AND newer.event_id = outbox.event_id AND newer.user_id = outbox.user_id "
+        "AND newer.seq > outbox.seq)"
+    )
     if all_failed:
         rows = db.execute(
-            "SELECT seq FROM outbox WHERE status = 'failed' AND (?1 IS NULL OR project_id = ?1) "
-            "ORDER BY seq LIMIT ?2",
-            (project_id, limit),
+            f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE seq > ?1 AND status = 'failed' "  # noqa: S608
+            f"AND (?2 IS NULL OR project_id = ?2) AND {newest} ORDER BY seq LIMIT ?3",
+            (after_seq, project_id, limit),
         ).fetchall()
     else:
+        if project_id is None and event_ids:
+            raise ValueError("replaying events by id needs their project")
         rows = []
         for event_id in event_ids[:limit]:
             rows += db.execute(
-                "SELECT max(seq) FROM outbox WHERE status = 'failed' AND event_id = ? "
-                "AND (?2 IS NULL OR project_id = ?2) GROUP BY project_id, user_id",
-                (event_id, project_id),
+                f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE project_id = ? AND event_id = ? "  # noqa: S608
+                f"AND status = 'failed' AND {newest} ORDER BY seq",
+                (project_id, event_id),
             ).fetchall()
-    seqs = [row[0] for row in rows]
-    db.executemany(
-        "UPDATE outbox SET status = 'queued', next_at = ?, attempts = 0, updated_at = ? "
-        "WHERE seq = ?",
-        [(now, now, seq) for seq in seqs],
-    )
-    return seqs
+    replayed = [EventStatus(*row) for row in rows]
+    if not dry_run:
+        # The old error goes: a queued row with an error reads as "retrying" (status route).
+        db.executemany(
+            "UPDATE outbox SET status = 'queued', next_at = ?, attempts = 0, updated_at = ?, "
+            "error = NULL WHERE seq = ? AND status = 'failed'",
+            [(now, now, row.seq) for row in replayed],
+        )
+    return replayed
 
 
 T = TypeVar("T")
@@ -405,6 +459,7 @@ class Outbox:
         self._read = connect(path)
         try:
             create_schema(self._read)
+            idempotency.create_schema(self._read)
             self.pending = pending_count(self._read)
         except BaseException:
             self._read.close()
@@ -439,10 +494,15 @@ class Outbox:
             return await self.write(
                 lambda db: insert(db, events, now=now, next_at=due, attempts=attempts, error=error)
             )
-        except Exception:  # not written (a cancelled caller's write still lands)
+        except sqlite3.Error as exc:  # not written (a cancelled caller's write still lands)
             self.pending -= len(events)
-            raise
+            log("outbox_write_failed", logging.ERROR, error=type(exc).__name__)
+            raise StorageUnavailable from None
 
     def finished(self, count: int) -> None:
         """`count` pending rows became delivered or failed."""
         self.pending = max(0, self.pending - count)
+
+    async def recount(self) -> None:
+        """The pending count from the table: the CLI's replays happen in another process."""
+        self.pending = await self.write(pending_count)

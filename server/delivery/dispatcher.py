@@ -1,0 +1,359 @@
+"""The dispatcher: delivers what the outbox holds, inside `funnelgate serve`.
+
+It claims due events under a lease (outbox.py), resolves each one's credential at send time,
+groups them by project, pixel, credential, app secret and test code into Graph requests of up
+to 1,000 events, and settles each by Meta's verdict (policy.py):
+
+- delivered: done, with Meta's fbtrace_id;
+- refused whole (400; one bad event fails the request): bisected until each bad event stands
+  alone, so the good ones are delivered and each bad one fails with Meta's own error;
+- credential refused (code 190 and friends): held, not failed, until `funnelgate credentials
+  set` replaces the token (or a restart, for a token from the config file);
+- transient (5xx, timeouts, throttling): due again after a capped exponential backoff with
+  jitter, and never sooner than its (token, pixel) breaker allows (throttle.py), until Meta's
+  age limit for the event, then failed with EVENT_EXPIRED.
+
+At most `[delivery] max_concurrent_requests` requests are in flight, whatever the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from server.config import Config
+from server.delivery.graph import (
+    MAX_EVENTS_PER_REQUEST,
+    Attempt,
+    GraphClient,
+    final_error,
+    log_attempt,
+    signed_body_of,
+)
+from server.delivery.policy import Verdict
+from server.delivery.timeouts import AttemptTimeouts
+from server.logs import log
+from server.storage import idempotency, outbox
+from server.storage.credentials import CredentialStore
+from server.storage.outbox import Claimed, Outbox
+
+CLAIM_LIMIT = 5 * MAX_EVENTS_PER_REQUEST
+# A claim outlasts any send of its events (attempt timeouts stop at 60 s; a bisection makes
+# several); a crash leaves them due again when it ends.
+LEASE_SECONDS = 300.0
+LINGER_SECONDS = 0.05  # after a partial claim: lets a burst gather into full requests
+POLL_SECONDS = 1.0  # replays from the CLI and ended leases are seen at least this often
+RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 2.0, 900.0
+PRUNE_EVERY_SECONDS = 3600.0
+RECOUNT_EVERY_SECONDS = 60.0
+
+_EXPIRED = "The event became older than Meta accepts (7 days; 62 for physical_store) first."
+_NO_CREDENTIAL = "Integration not enabled for user."  # ActionKit's words (server/errors.py)
+# (project, pixel, access token, app secret, test event code): one request's worth.
+GroupKey = tuple[str, str, str, str | None, str | None]
+
+
+def retry_delay(attempts: int, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter ("equal jitter": never less than half the step)."""
+    step = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (attempts - 1))
+    return step / 2 + rand() * step / 2
+
+
+def row_error(result: Attempt) -> dict[str, Any]:
+    """What a failed or retrying row records: Meta's error, never the request."""
+    exc = final_error(result, 1, [])
+    upstream = {k: v for k, v in exc.upstream.items() if k != "attempts"}
+    return {"code": exc.code, "message": exc.message, "upstream": upstream}
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        queue: Outbox,
+        graph: GraphClient,
+        credentials: CredentialStore,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._queue = queue
+        self._graph = graph
+        self._credentials = credentials
+        self._config = config
+        self._clock = clock
+        self._rand = rand
+        # Batches of up to 1,000 events take longer at Meta than one event: their own clock.
+        self._timeouts = AttemptTimeouts(config.graph.timeout_seconds * 2)
+        self._limit = config.delivery.max_concurrent_requests
+        self._slots = asyncio.Semaphore(self._limit)
+        self._in_flight: set[int] = set()  # seqs being sent: a re-claim must not send twice
+        self._tasks: dict[asyncio.Task[None], list[int]] = {}  # sends, with their seqs
+        self._freed = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._main: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._main = asyncio.create_task(self._run())
+
+    def wake(self) -> None:
+        """New events are due: the loop claims them now instead of at its next poll."""
+        self._wakeup.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Stops claiming; sends in flight get `timeout` seconds to finish, the rest are
+        cancelled and their events released (due now) for the next start."""
+        self._stopping = True
+        self._wakeup.set()
+        self._freed.set()
+        if self._main is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
+        unfinished = [seq for task in late for seq in self._tasks.get(task, ())]
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if unfinished:
+            now = self._clock()
+            due = [(seq, now) for seq in unfinished]
+            await self._queue.write(
+                lambda db: outbox.reschedule(db, due, now=now, error=None, attempted=False)
+            )
+            log("dispatcher_released", events=len(due))
+
+    async def _run(self) -> None:
+        now = self._clock()
+        resumed = await self._queue.write(lambda db: outbox.release_held(db, now=now))
+        if resumed:
+            log("held_events_resumed", events=resumed)
+        last_prune = last_count = time.monotonic()
+        await self._prune(self._clock())
+        while not self._stopping:
+            try:
+                if time.monotonic() - last_prune >= PRUNE_EVERY_SECONDS:
+                    await self._prune(self._clock())
+                    last_prune = time.monotonic()
+                if time.monotonic() - last_count >= RECOUNT_EVERY_SECONDS:
+                    await self._queue.recount()
+                    last_count = time.monotonic()
+                await self._cycle()
+            except Exception as exc:  # the disk or a bug: keep the loop, say so, slow down
+                log("dispatcher_error", logging.ERROR, error=type(exc).__name__)
+                await self._pause(POLL_SECONDS)
+
+    async def _cycle(self) -> None:
+        while len(self._tasks) >= self._limit and not self._stopping:
+            self._freed.clear()
+            await self._freed.wait()
+        if self._stopping:
+            return
+        now = self._clock()
+        due = self._queue.read(outbox.next_due)
+        if due is None or due > now:
+            await self._pause(POLL_SECONDS if due is None else min(POLL_SECONDS, due - now))
+            return
+        lease_until = now + LEASE_SECONDS
+        claimed = await self._queue.write(
+            lambda db: outbox.claim(db, now=now, lease_until=lease_until, limit=CLAIM_LIMIT)
+        )
+        fresh = [row for row in claimed if row.seq not in self._in_flight]
+        if fresh:
+            await self._dispatch(fresh, now)
+        if len(claimed) < CLAIM_LIMIT:
+            await asyncio.sleep(LINGER_SECONDS)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wakeup.wait()
+        self._wakeup.clear()
+
+    async def _dispatch(self, rows: list[Claimed], now: float) -> None:
+        groups: defaultdict[GroupKey, list[Claimed]] = defaultdict(list)
+        tokens: dict[tuple[str, str], str | None] = {}
+        expired: list[int] = []
+        orphaned: list[int] = []
+        uncredentialed: list[int] = []
+        for row in rows:
+            project = self._config.projects.get(row.project_id)
+            if row.expires_at <= now:
+                expired.append(row.seq)
+            elif project is None:
+                orphaned.append(row.seq)
+            else:
+                who = (row.project_id, row.user_id)
+                if who not in tokens:
+                    tokens[who] = self._token(row.project_id, row.user_id)
+                token = tokens[who] or project.facebook_access_token
+                if token is None:
+                    uncredentialed.append(row.seq)
+                    continue
+                key = (row.project_id, row.pixel_id, token, project.facebook_app_secret,
+                       row.test_event_code)  # fmt: skip
+                groups[key].append(row)
+        await self._fail(expired, now, "EVENT_EXPIRED", _EXPIRED)
+        await self._fail(orphaned, now, "UNKNOWN_PROJECT", "Its project is no longer configured.")
+        await self._fail(uncredentialed, now, "INTEGRATION_NOT_ENABLED", _NO_CREDENTIAL)
+        for key, group in groups.items():
+            for start in range(0, len(group), MAX_EVENTS_PER_REQUEST):
+                self._spawn(key, group[start : start + MAX_EVENTS_PER_REQUEST])
+
+    def _current_token(self, project_id: str, user_id: str) -> str | None:
+        project = self._config.projects.get(project_id)
+        fallback = project.facebook_access_token if project else None
+        return self._token(project_id, user_id) or fallback
+
+    def _token(self, project_id: str, user_id: str) -> str | None:
+        try:
+            return self._credentials.get(project_id, user_id)
+        except Exception as exc:  # a key that no longer opens it: as if there were none
+            log("credential_unreadable", logging.ERROR, project=project_id,
+                error=type(exc).__name__)  # fmt: skip
+            return None
+
+    async def _fail(
+        self,
+        seqs: list[int],
+        now: float,
+        code: str,
+        message: str,
+        last: dict[str, Any] | None = None,
+    ) -> None:
+        if not seqs:
+            return
+        error: dict[str, Any] = {"code": code, "message": message}
+        if last and "upstream" in last:
+            error["upstream"] = last["upstream"]
+        done = await self._queue.write(
+            lambda db: outbox.mark_failed(db, seqs, now=now, error=error, attempted=False)
+        )
+        self._queue.finished(done)
+        log("events_failed", code=code, events=len(seqs))
+
+    def _spawn(self, key: GroupKey, rows: list[Claimed]) -> None:
+        seqs = [row.seq for row in rows]
+        self._in_flight.update(seqs)
+        task = asyncio.create_task(self._send(key, rows))
+        self._tasks[task] = seqs
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.pop(task, None)
+            self._in_flight.difference_update(seqs)
+            self._freed.set()
+            if not task.cancelled() and task.exception() is not None:
+                log("dispatch_failed", logging.ERROR, project=key[0],
+                    error=type(task.exception()).__name__)  # fmt: skip
+
+        task.add_done_callback(done)
+
+    async def _send(self, key: GroupKey, rows: list[Claimed]) -> None:
+        async with self._slots:
+            await self._deliver(key, rows)
+
+    async def _deliver(self, key: GroupKey, rows: list[Claimed]) -> None:
+        project_id, pixel_id, token, app_secret, test_code = key
+        breaker = (token, pixel_id)
+        if not self._graph.breakers.allow(breaker):
+            until = self._graph.breakers.open_until(breaker) or self._clock() + POLL_SECONDS
+            await self._reschedule(rows, lambda _row: until, attempted=False, error=None)
+            return
+        data = b"[" + b",".join(row.data for row in rows) + b"]"
+        content = orjson.dumps(signed_body_of(data, test_code, token, app_secret))
+        try:
+            result = await self._graph.attempt(self._graph.url(pixel_id), content, self._timeouts)
+        except BaseException:
+            self._graph.breakers.abandoned(breaker)
+            raise
+        log_attempt(result, project_id, pixel_id, len(rows), max(r.attempts for r in rows) + 1,
+                    queued=True)  # fmt: skip
+        self._graph.judge(breaker, result)
+        now = self._clock()
+        seqs = [row.seq for row in rows]
+        if result.verdict is Verdict.DELIVERED:
+            trace = (result.payload or {}).get("fbtrace_id")
+            done = await self._queue.write(
+                lambda db: outbox.mark_delivered(db, seqs, now=now, fbtrace_id=trace)
+            )
+            self._queue.finished(done)
+        elif result.verdict is Verdict.REJECTED and len(rows) > 1:
+            # Meta refuses a request whole for one bad event: halve until it stands alone.
+            half = len(rows) // 2
+            await self._deliver(key, rows[:half])
+            await self._deliver(key, rows[half:])
+        elif result.verdict is Verdict.REJECTED:
+            error = row_error(result)
+            done = await self._queue.write(
+                lambda db: outbox.mark_failed(db, seqs, now=now, error=error)
+            )
+            self._queue.finished(done)
+        elif result.verdict is Verdict.AUTH:
+            # A user whose token changed while this request was out is not held on the old
+            # token's refusal: those events go again at once, with the new one.
+            users = {(r.project_id, r.user_id) for r in rows}
+            renewed = {who for who in users if self._current_token(*who) != token}
+            again = [r for r in rows if (r.project_id, r.user_id) in renewed]
+            held = [r.seq for r in rows if (r.project_id, r.user_id) not in renewed]
+            if again:
+                await self._reschedule(again, lambda _row: now, attempted=True, error=None)
+            error = row_error(result)
+            await self._queue.write(lambda db: outbox.mark_held(db, held, now=now, error=error))
+            log("events_held", project=project_id, pixel=pixel_id, events=len(held))
+        else:
+            until = self._graph.breakers.open_until(breaker)
+            await self._reschedule(
+                rows,
+                lambda row: max(until, now + retry_delay(row.attempts + 1, self._rand)),
+                attempted=True,
+                error=row_error(result),
+            )
+
+    async def _reschedule(
+        self,
+        rows: list[Claimed],
+        due_at: Callable[[Claimed], float],
+        *,
+        attempted: bool,
+        error: dict[str, Any] | None,
+    ) -> None:
+        """Due again at `due_at(row)`; a row Meta would refuse by then fails instead."""
+        now = self._clock()
+        due: list[tuple[int, float]] = []
+        expired: list[int] = []
+        for row in rows:
+            at = due_at(row)
+            if at >= row.expires_at:
+                expired.append(row.seq)
+            else:
+                due.append((row.seq, at))
+        if due:
+            await self._queue.write(
+                lambda db: outbox.reschedule(db, due, now=now, error=error, attempted=attempted)
+            )
+        await self._fail(expired, now, "EVENT_EXPIRED", _EXPIRED, error)
+
+    async def _prune(self, now: float) -> None:
+        before = now - self._config.storage.retention_days * 86400
+        pruned = 0
+        while True:
+            count = await self._queue.write(lambda db: outbox.prune(db, before=before))
+            pruned += count
+            if count < 5000 or self._stopping:
+                break
+        if pruned:
+            log("events_pruned", events=pruned)
+        key_before = now - idempotency.KEY_TTL_SECONDS
+        while await self._queue.write(lambda db: idempotency.prune(db, before=key_before)) >= 5000:
+            if self._stopping:
+                break

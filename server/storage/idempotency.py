@@ -1,0 +1,89 @@
+"""The `idempotency` table: Run Tool's stored answers by (project, user, key hash), kept
+24 h (server/idempotency.py says what is stored and why)."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import orjson
+
+KEY_TTL_SECONDS = 24 * 3600  # how long a key holds (README, Idempotency-Key)
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS idempotency (
+    project_id   TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    key          TEXT NOT NULL,  -- SHA-256 (hex) of the key as the caller sent it
+    fingerprint  TEXT NOT NULL,  -- SHA-256 (hex) of the tool name and the parameters
+    status       INTEGER NOT NULL,
+    content_type TEXT,
+    headers      BLOB NOT NULL,  -- JSON: {lowercase name: value} of KEPT_HEADERS
+    body         BLOB NOT NULL,
+    created_at   REAL NOT NULL,
+    PRIMARY KEY (project_id, user_id, key)
+)""",
+    "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at)",
+)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One answer as it is replayed."""
+
+    fingerprint: str
+    status: int
+    content_type: str | None
+    headers: dict[str, str]
+    body: bytes
+    created_at: float
+
+
+def create_schema(db: sqlite3.Connection) -> None:
+    for statement in SCHEMA:  # not executescript: it would COMMIT a writer's transaction
+        db.execute(statement)
+
+
+def lookup(
+    db: sqlite3.Connection, project_id: str, user_id: str, key_hash: str, *, since: float
+) -> Stored | None:
+    """The answer stored for the key at or after `since` (older ones have expired)."""
+    row = db.execute(
+        "SELECT fingerprint, status, content_type, headers, body, created_at FROM idempotency "
+        "WHERE project_id = ? AND user_id = ? AND key = ? AND created_at >= ?",
+        (project_id, user_id, key_hash, since),
+    ).fetchone()
+    if row is None:
+        return None
+    fp, status, content_type, headers, body, created_at = row
+    return Stored(fp, status, content_type, orjson.loads(headers), bytes(body), created_at)
+
+
+def save(
+    db: sqlite3.Connection, project_id: str, user_id: str, key_hash: str, stored: Stored
+) -> None:
+    """Replaces an expired row of the same key (a live one is replayed, never overwritten)."""
+    db.execute(
+        "INSERT OR REPLACE INTO idempotency (project_id, user_id, key, fingerprint, status, "
+        "content_type, headers, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            project_id,
+            user_id,
+            key_hash,
+            stored.fingerprint,
+            stored.status,
+            stored.content_type,
+            orjson.dumps(stored.headers),
+            stored.body,
+            stored.created_at,
+        ),
+    )
+
+
+def prune(db: sqlite3.Connection, *, before: float, limit: int = 5000) -> int:
+    """Deletes up to `limit` rows stored before `before` (the retention loop passes
+    now - KEY_TTL_SECONDS); the number deleted."""
+    return db.execute(
+        "DELETE FROM idempotency WHERE rowid IN "
+        "(SELECT rowid FROM idempotency WHERE created_at < ? LIMIT ?)",
+        (before, limit),
+    ).rowcount

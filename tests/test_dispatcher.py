@@ -1,0 +1,261 @@
+"""The dispatcher on a real outbox file, Graph faked in-process by Meta's rules, on a clock
+the test moves: grouping, bisection, holds, backoff, expiry, leases and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from server.config import Config
+from server.delivery.dispatcher import LEASE_SECONDS, Dispatcher
+from server.delivery.graph import GraphClient
+from server.delivery.throttle import Breakers
+from server.storage import outbox
+from server.storage.credentials import open_credentials
+from server.storage.outbox import NewEvent, Outbox
+from tests.support import NOW, PIXEL, PROJECT, FakeGraph, Step, graph_error, make_config
+
+TOKEN = "EAAB-project-token"
+USER = "user-1"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def event(n: int, **fields: Any) -> dict[str, Any]:
+    return {"event_name": "Lead", "event_time": int(NOW) - 60, "action_source": "chat",
+            "event_id": f"e{n}", "user_data": {"external_id": ["0" * 64]}, **fields}  # fmt: skip
+
+
+def new(n: int, *, pixel: str = PIXEL, test_code: str | None = None, **fields: Any) -> NewEvent:
+    e = event(n, **fields)
+    return NewEvent(PROJECT, USER, pixel, test_code, e, orjson.dumps(e))
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, key: rsa.RSAPrivateKey, graph: FakeGraph) -> None:
+        self.clock = Clock()
+        self.graph = graph
+        self.config: Config = make_config(tmp_path, key, facebook_access_token=TOKEN)
+        self.path = self.config.storage.database_path
+
+    def run(self, body: Callable[[Outbox, Dispatcher], Awaitable[Any]]) -> Any:
+        async def go() -> Any:
+            credentials = open_credentials(self.config.storage)
+            queue = Outbox(self.path, clock=self.clock)
+            client = GraphClient(
+                self.config.graph, self.graph.transport(), breakers=Breakers(clock=self.clock)
+            )
+            dispatcher = Dispatcher(queue, client, credentials, self.config, clock=self.clock)
+            dispatcher.start()
+            try:
+                return await body(queue, dispatcher)
+            finally:
+                await dispatcher.stop(timeout=1)
+                await client.aclose()
+                queue.close()
+                credentials.close()
+
+        return asyncio.run(go())
+
+
+@pytest.fixture
+def harness(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph: FakeGraph) -> Harness:
+    return Harness(tmp_path, rsa_key, graph)
+
+
+async def until(
+    queue: Outbox, done: Callable[[dict[str, int]], bool], seconds: float = 10
+) -> dict[str, int]:
+    """Counts by status once `done(counts)` holds (bounded)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        counts: dict[str, int] = queue.read(outbox.stats)["by_status"]
+        if done(counts) or time.monotonic() > deadline:
+            return counts
+        await asyncio.sleep(0.01)
+
+
+def rows(queue: Outbox) -> dict[str, outbox.EventStatus]:
+    return {r.event_id: r for r in queue.read(lambda db: outbox.list_events(db, limit=10_000))}
+
+
+def test_events_go_in_requests_of_up_to_1000_per_pixel_and_test_code(harness):
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await queue.enqueue([new(n) for n in range(2500)])
+        await queue.enqueue([new(n, pixel="222222222222222") for n in range(2500, 2510)])
+        await queue.enqueue([new(n, test_code="TEST1") for n in range(2510, 2520)])
+        dispatcher.wake()
+        return await until(queue, lambda c: c["delivered"] == 2520)
+
+    assert harness.run(body)["delivered"] == 2520
+    sizes = sorted(len(b["data"]) for b in harness.graph.bodies())
+    assert sizes == [10, 10, 500, 1000, 1000]
+    by_code = {b.get("test_event_code"): len(b["data"]) for b in harness.graph.bodies()}
+    assert by_code["TEST1"] == 10
+    assert all(b["access_token"] == TOKEN for b in harness.graph.bodies())
+    sent = [e["event_id"] for b in harness.graph.bodies() for e in b["data"]]
+    assert sorted(sent) == sorted(f"e{n}" for n in range(2520))  # each once
+
+
+def test_one_bad_event_in_1000_is_isolated_by_bisection(harness):
+    """Meta refuses a request whole for one bad event (here an e-mail sent unhashed)."""
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        events = [new(n) for n in range(1000)]
+        events[617] = new(617, user_data={"em": ["joe@example.com"]})
+        await queue.enqueue(events)
+        dispatcher.wake()
+        return await until(queue, lambda c: c["delivered"] + c["failed"] == 1000)
+
+    assert harness.run(body) | {} == {"queued": 0, "held": 0, "delivered": 999, "failed": 1}
+    requests = len(harness.graph.received)
+    assert requests <= 2 * 10 + 1  # two halves per level, log2(1000) < 10 levels
+    queue = Outbox(harness.path, clock=harness.clock)
+    failed = rows(queue)["e617"]
+    queue.close()
+    assert failed.status == "failed"
+    error = orjson.loads(failed.error or b"{}")
+    assert error["code"] == "UPSTREAM_REJECTED"
+    assert error["upstream"]["code"] == 100 and error["upstream"]["fbtrace_id"]
+
+
+def test_a_refused_credential_holds_its_events_until_released(harness):
+    harness.graph.script.append(graph_error(400, 190, error_subcode=463))
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> tuple[dict[str, int], dict[str, int]]:
+        await queue.enqueue([new(n) for n in range(3)])
+        dispatcher.wake()
+        held = await until(queue, lambda c: c["held"] == 3)
+        await queue.write(lambda db: outbox.release_held(db, now=harness.clock(),
+                                                          project_id=PROJECT, user_id=USER))  # fmt: skip
+        dispatcher.wake()
+        return held, await until(queue, lambda c: c["delivered"] == 3)
+
+    held, after = harness.run(body)
+    assert (held["held"], held["failed"]) == (3, 0)  # not burned as failures
+    assert after["delivered"] == 3
+    assert len(harness.graph.received) == 2
+
+
+def test_transient_failures_back_off_and_keep_the_event_id(harness):
+    harness.graph.script.append(graph_error(500, 2, is_transient=True))
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await queue.enqueue([new(1)])
+        dispatcher.wake()
+        await until(queue, lambda _: len(harness.graph.received) == 1)
+        await asyncio.sleep(0.1)
+        retrying = rows(queue)["e1"]
+        assert (retrying.status, retrying.attempts) == ("queued", 1)
+        assert retrying.next_at >= harness.clock() + 1.0  # equal jitter: at least half of 2 s
+        assert orjson.loads(retrying.error or b"{}")["code"] == "UPSTREAM_UNAVAILABLE"
+        harness.clock.now += 10
+        dispatcher.wake()
+        return await until(queue, lambda c: c["delivered"] == 1)
+
+    assert harness.run(body)["delivered"] == 1
+    first, second = harness.graph.bodies()
+    assert first["data"][0]["event_id"] == second["data"][0]["event_id"] == "e1"
+
+
+def test_throttling_opens_the_breaker_for_every_event_of_the_pixel(harness):
+    harness.graph.script.append(graph_error(400, 80004))
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> int:
+        await queue.enqueue([new(1)])
+        dispatcher.wake()
+        await until(queue, lambda _: len(harness.graph.received) == 1)
+        harness.clock.now += 3  # past the event's own backoff, inside the breaker's 5 s
+        await queue.enqueue([new(n) for n in range(2, 50)])
+        dispatcher.wake()
+        await asyncio.sleep(0.3)
+        return len(harness.graph.received)
+
+    assert harness.run(body) == 1
+
+
+def test_events_past_metas_age_limit_fail_without_a_request(harness):
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await queue.enqueue([new(1, event_time=int(NOW) - 8 * 86400)])
+        dispatcher.wake()
+        return await until(queue, lambda c: c["failed"] == 1)
+
+    assert harness.run(body)["failed"] == 1
+    assert harness.graph.received == []
+    queue = Outbox(harness.path, clock=harness.clock)
+    error = orjson.loads(rows(queue)["e1"].error or b"{}")
+    queue.close()
+    assert error["code"] == "EVENT_EXPIRED"
+
+
+def test_a_claim_whose_sender_died_is_sent_again_after_its_lease(harness):
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await dispatcher.stop(timeout=1)  # a claim made by a process that then died
+        await queue.enqueue([new(1)])
+        now = harness.clock()
+        await queue.write(lambda db: outbox.claim(db, now=now, lease_until=now + LEASE_SECONDS,
+                                                  limit=10))  # fmt: skip
+        harness.clock.now += LEASE_SECONDS + 1
+        dispatcher = Dispatcher(queue, GraphClient(harness.config.graph, harness.graph.transport()),
+                                open_credentials(harness.config.storage), harness.config,
+                                clock=harness.clock)  # fmt: skip
+        dispatcher.start()
+        try:
+            return await until(queue, lambda c: c["delivered"] == 1)
+        finally:
+            await dispatcher.stop(timeout=1)
+
+    assert harness.run(body)["delivered"] == 1
+    [sent] = harness.graph.bodies()
+    assert sent["data"][0]["event_id"] == "e1"
+
+
+def test_stop_releases_what_it_could_not_finish(harness):
+    harness.graph.script.append(Step(delay=30))  # Meta hangs
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> outbox.EventStatus:
+        await queue.enqueue([new(1)])
+        dispatcher.wake()
+        await until(queue, lambda _: len(harness.graph.received) == 1)
+        started = time.monotonic()
+        await dispatcher.stop(timeout=0.2)
+        assert time.monotonic() - started < 10  # Meta hangs for 30 s: the sends were cut
+        return rows(queue)["e1"]
+
+    released = harness.run(body)
+    assert released.status == "queued"
+    assert released.next_at <= harness.clock()  # due now, not at the end of its lease
+
+
+def test_a_refusal_of_a_token_replaced_meanwhile_holds_nothing(harness):
+    """`credentials set` while a request with the old token is out: Meta's 190 for the old
+    token does not hold the events; they go again with the new one."""
+    refusal = graph_error(400, 190)
+    harness.graph.script.append(Step(refusal.status, error=refusal.error, delay=0.3))
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await queue.enqueue([new(1)])
+        dispatcher.wake()
+        await until(queue, lambda _: len(harness.graph.received) == 1)
+        store = open_credentials(harness.config.storage)  # as the CLI would, meanwhile
+        store.set(PROJECT, USER, "EAAB-new-user-token")
+        store.close()
+        return await until(queue, lambda c: c["delivered"] == 1)
+
+    counts = harness.run(body)
+    assert (counts["delivered"], counts["held"]) == (1, 0)
+    first, second = harness.graph.bodies()
+    assert (first["access_token"], second["access_token"]) == (TOKEN, "EAAB-new-user-token")
