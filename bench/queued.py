@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -30,8 +31,8 @@ from typing import Any
 
 import httpx
 from benchlib import (
-    BIN,
     BENCH_DIR,
+    BIN,
     MARK,
     PIXEL,
     REPO,
@@ -131,7 +132,9 @@ def single_body(event_id: str, now: float) -> dict[str, Any]:
 class Gate:
     """A `funnelgate serve` on its own config and database, restartable."""
 
-    def __init__(self, stack: ExitStack, root: Path, graph_url: str, **tables: dict[str, Any]):
+    def __init__(
+        self, stack: ExitStack, root: Path, graph_url: str, **tables: dict[str, Any]
+    ) -> None:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -149,13 +152,15 @@ class Gate:
         )
         (root / "project.pub.pem").write_bytes(public)
         lines = []
-        for name, settings in {"graph": {"base_url": graph_url}, **tables}.items():
+        tables = {**tables, "graph": {"base_url": graph_url, **tables.get("graph", {})}}
+        for name, settings in tables.items():
             lines.append(f"[{name}]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
         lines += ["[[projects]]", f'id = "{PROJECT}"', 'jwt_public_key_file = "project.pub.pem"',
                   f'facebook_access_token = "{ACCESS_TOKEN}"']  # fmt: skip
         self.config = root / "config.toml"
         self.config.write_text("\n".join(lines) + "\n")
+        self.database = root / "funnelgate.db"
         self.token = mint_user_token(private, PROJECT, "bench-user", ttl_seconds=4 * 3600)
         self.headers = auth_headers(self.token)
         self.path = f"/projects/{PROJECT}/tools"
@@ -254,6 +259,23 @@ def settle(graph: Any, quiet: float = 1.0, seconds: float = 30.0) -> None:
         time.sleep(quiet)
 
 
+def outbox_states(gate: Gate, event_ids: set[str]) -> str:
+    """How the outbox holds these events (read only): why they are not at Meta yet."""
+    db = sqlite3.connect(f"file:{gate.database}?mode=ro", uri=True, timeout=5)
+    try:
+        now = time.time()
+        counts: dict[str, int] = {}
+        for event_id, status, next_at in db.execute(
+            "SELECT event_id, status, next_at FROM outbox WHERE project_id = ?", (PROJECT,)
+        ):
+            if event_id in event_ids:
+                label = f"{status}, due in {max(0, next_at - now):.0f} s"
+                counts[label] = counts.get(label, 0) + 1
+    finally:
+        db.close()
+    return "; ".join(f"{n:,} {label}" for label, n in sorted(counts.items())) or "none"
+
+
 def copies_per_event(graph: Any, ids: set[str]) -> tuple[float, int]:
     copies = graph.copies()
     found = [copies.get(e, 0) for e in ids]
@@ -342,12 +364,18 @@ def throughput(
     return result
 
 
-def drain(stack: ExitStack, root: Path, graph: Any, events: int) -> dict[str, Any]:
+def drain(stack: ExitStack, root: Path, graph: Any, events: int, wait: float) -> dict[str, Any]:
     """A backlog of `events` built while Meta answers nothing, then a restart with Meta back:
     how long until Meta has every one."""
     now = time.time()
-    with scenario(stack, root, graph, "drain", delivery={"mode": "queued"},
-                  server={"shutdown_seconds": 4}) as gate:  # fmt: skip
+    # Attempts wait 60 s here, so none times out while the backlog builds (no backoff or
+    # breaker shapes the drain); SIGTERM releases the hung ones.
+    tables: dict[str, dict[str, Any]] = {
+        "delivery": {"mode": "queued"},
+        "server": {"shutdown_seconds": 4},
+        "graph": {"timeout_seconds": 30.0},
+    }
+    with scenario(stack, root, graph, "drain", **tables) as gate:
         graph.control(hang=True)
         calls = post(gate, [([], batch_body(f"drain{c}", now)) for c in range(events // 1000)],
                      concurrency=BATCH_CONNECTIONS)  # fmt: skip
@@ -359,7 +387,7 @@ def drain(stack: ExitStack, root: Path, graph: Any, events: int) -> dict[str, An
         started = time.monotonic()
         gate.start()
         ready = time.monotonic()
-        deadline = started + 300
+        deadline = started + wait
         while graph.stats()["distinct_accepted"] < events and time.monotonic() < deadline:
             time.sleep(0.05)
         done = time.monotonic()
@@ -369,7 +397,7 @@ def drain(stack: ExitStack, root: Path, graph: Any, events: int) -> dict[str, An
             "start_up": ready - started, "requests": requests}  # fmt: skip
 
 
-def fault_kill_9(stack: ExitStack, root: Path, graph: Any, events: int) -> list[str]:
+def fault_kill_9(stack: ExitStack, root: Path, graph: Any, events: int, wait: float) -> list[str]:
     now = time.time()
     with scenario(stack, root, graph, "kill9",
                   delivery={"mode": "queued", "max_concurrent_requests": 2}) as gate:  # fmt: skip
@@ -390,7 +418,9 @@ def fault_kill_9(stack: ExitStack, root: Path, graph: Any, events: int) -> list[
         ids = accepted(calls)
         cut = sum(1 for c in calls if c.status is None)
         gate.start()
-        took = wait_delivered(graph, ids, seconds=400)
+        took = wait_delivered(graph, ids, seconds=wait)
+        if took is None:
+            stuck = outbox_states(gate, ids - graph.copies().keys())
         settle(graph)
         per_event, most = copies_per_event(graph, ids)
         lost = len(ids - graph.copies().keys())
@@ -398,11 +428,12 @@ def fault_kill_9(stack: ExitStack, root: Path, graph: Any, events: int) -> list[
     return [f"kill -9 at {at_kill.get('accepted', 0):,} events answered 202 "
             f"({at_kill.get('at_meta', 0):,} at Meta; {cut} calls without an answer)",
             f"{len(ids):,}", delivered, f"**{lost}**", f"{per_event:.3f} (max {most})",
-            f"after the restart: {took:.1f} s" if took is not None else "not within 400 s"]  # fmt: skip
+            f"after the restart: {took:.1f} s" if took is not None
+            else f"not within {wait:g} s; outbox: {stuck}"]  # fmt: skip
 
 
 def fault_meta(stack: ExitStack, root: Path, graph: Any, label: str, mode: str,
-               faults: dict[str, Any], events: int) -> list[str]:  # fmt: skip
+               faults: dict[str, Any], events: int, wait: float = 60.0) -> list[str]:  # fmt: skip
     now = time.time()
     with scenario(stack, root, graph, f"meta-{mode}-{len(faults)}-{faults.get('fail_rate', 0)}",
                   delivery={"mode": mode}) as gate:  # fmt: skip
@@ -411,8 +442,9 @@ def fault_meta(stack: ExitStack, root: Path, graph: Any, label: str, mode: str,
         started = time.monotonic()
         calls = post(gate, bodies, concurrency=CONNECTIONS, spacing=3.0 / events)
         ids = accepted(calls)
-        took = wait_delivered(graph, ids, seconds=120)
+        took = wait_delivered(graph, ids, seconds=wait)
         total = time.monotonic() - started
+        stuck = "" if took is not None else outbox_states(gate, ids - graph.copies().keys())
         settle(graph)
         per_event, most = copies_per_event(graph, ids)
     statuses: dict[str, int] = {}
@@ -425,7 +457,7 @@ def fault_meta(stack: ExitStack, root: Path, graph: Any, label: str, mode: str,
             f"{slowest:.1f} s)", f"{len(ids):,}", delivered, str(len(ids - graph.copies().keys())),
             f"{per_event:.3f} (max {most})",
             f"all at Meta {total:.1f} s after the first call" if took is not None
-            else "not within 120 s"]  # fmt: skip
+            else f"not within {total:.0f} s; outbox: {stuck}"]  # fmt: skip
 
 
 def fault_bad_event(stack: ExitStack, root: Path, graph: Any) -> list[str]:
@@ -460,8 +492,8 @@ def fault_bad_event(stack: ExitStack, root: Path, graph: Any) -> list[str]:
 def fault_throttle(stack: ExitStack, root: Path, graph: Any, throttle: float) -> list[str]:
     now = time.time()
     concurrent = 4
-    with scenario(stack, root, graph, "throttle",
-                  delivery={"mode": "queued", "max_concurrent_requests": concurrent}) as gate:  # fmt: skip
+    delivery = {"mode": "queued", "max_concurrent_requests": concurrent}
+    with scenario(stack, root, graph, "throttle", delivery=delivery) as gate:
         started = time.time()
         graph.control(throttle_seconds=throttle, throttle_code=4)
         bodies = []
@@ -500,8 +532,8 @@ def run(quick: bool = False) -> Result:
         root = Path(tmp)
         graph = stack.enter_context(_fault_graph())
         measured = throughput(stack, root, graph, seconds, repeats)
-        drained = drain(stack, root, graph, backlog)
-        faults = [fault_kill_9(stack, root, graph, 5_000 if quick else 20_000),
+        drained = drain(stack, root, graph, backlog, wait=60 if quick else 120)
+        faults = [fault_kill_9(stack, root, graph, 5_000 if quick else 20_000, wait=30),
                   fault_bad_event(stack, root, graph),
                   fault_meta(stack, root, graph, "30 % HTTP 500", "queued", {"fail_rate": 0.3},
                              100 if quick else 300)]  # fmt: skip

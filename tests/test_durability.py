@@ -43,9 +43,10 @@ USER = "user-1"
 ACCESS_TOKEN = "EAAB-durable-token"
 PIXELS = ("123456789012345", "223456789012345")
 FUNNELGATE = Path(sys.executable).parent / "funnelgate"
-# README, Delivery: while Meta throttles, one request per (token, pixel) per breaker interval,
-# and the interval starts at no less than this and doubles.
-BREAKER_FLOOR_SECONDS = 1.0
+# README, Delivery: while Meta throttles, one request per (token, pixel) per breaker interval;
+# the interval starts at no less than this (5 s: "a throttled one at most one per 5 s") and
+# doubles with each failed probe.
+THROTTLED_INTERVAL_SECONDS = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +161,11 @@ class Gate:
         result: dict[str, Any] = answer.json()
         return result
 
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+    def log_tail(self, lines: int = 20) -> str:
+        """The server's last log lines, less the per-request ones (for failure messages)."""
+        kept = [line for line in self.log.read_text(errors="replace").splitlines()
+                if '"event":"request"' not in line]  # fmt: skip
+        return "\n".join(kept[-lines:])
 
     def outbox_rows(self, event_ids: Sequence[str]) -> dict[str, int]:
         """For a failure message: how the outbox holds these events, by status (read only)."""
@@ -361,7 +365,6 @@ def test_kill_9_during_a_queued_run_loses_no_accepted_event(gates, graph, token)
     ("mode", "faults"),
     [
         pytest.param("sync", {"latency": [1.5, 3.0]}, id="sync-meta-at-1.5-3s"),
-        pytest.param("sync", {"fail_rate": 0.3}, id="sync-30pct-500s"),
         pytest.param("queued", {"latency": [1.5, 3.0], "fail_rate": 0.3}, id="queued-both"),
     ],
 )
@@ -440,8 +443,9 @@ def test_the_failed_event_is_replayed_after_a_fix(gates, graph, token):
     _send_with_one_bad_event(gate, graph, token)
     listed = gate.cli("events", "list", "--status", "failed", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert BAD in listed.stdout
-    assert "bad-0" not in listed.stdout
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]  # one object a line
+    assert [(row["event_id"], row["status"]) for row in rows] == [(BAD, "failed")]
+    assert rows[0]["error"]["code"] == "UPSTREAM_REJECTED", rows[0]
 
     graph.control(bad_event_ids=[])  # Meta accepts it now (the fix)
     replayed = gate.cli("events", "replay", "--project", PROJECT, "--event-id", BAD)
@@ -488,9 +492,9 @@ def test_throttled_meta_sees_a_bounded_request_rate(gates, graph, token):
         assert len(burst) <= concurrent, times
         later = [times[len(burst) - 1], *times[len(burst) :]]
         gaps = [b - a for a, b in itertools.pairwise(later)]
-        assert all(gap >= BREAKER_FLOOR_SECONDS - 0.05 for gap in gaps), gaps
+        assert all(gap >= THROTTLED_INTERVAL_SECONDS - 0.05 for gap in gaps), gaps
         assert gaps == sorted(gaps) or len(gaps) < 2, f"the interval shrank: {gaps}"
-    bound = len(by_key) * (concurrent + throttle_seconds / BREAKER_FLOOR_SECONDS)
+    bound = len(by_key) * (concurrent + throttle_seconds / THROTTLED_INTERVAL_SECONDS)
     rate = len(during) / throttle_seconds
     assert len(during) <= bound, (
         f"{len(during)} requests ({rate:.1f}/s) during {throttle_seconds:g} s of throttling; "
