@@ -284,11 +284,12 @@ def copies_per_event(graph: Any, ids: set[str]) -> tuple[float, int]:
 
 @contextmanager
 def scenario(
-    stack: ExitStack, root: Path, graph: Any, name: str, **tables: dict[str, Any]
+    stack: ExitStack, root: Path, fake: Any, name: str, /, **tables: dict[str, Any]
 ) -> Iterator[Gate]:
-    """A fresh server on a fresh database against the (reset) fault Graph; stopped after."""
-    graph.reset()
-    gate = Gate(stack, root / name, graph.base_url, **tables)
+    """A fresh server on a fresh database against the (reset) fault Graph `fake`; stopped
+    after. `tables` are config tables (`graph` adds to the Graph URL)."""
+    fake.reset()
+    gate = Gate(stack, root / name, fake.base_url, **tables)
     gate.start()
     try:
         yield gate
@@ -586,7 +587,7 @@ def _report(measured: dict[str, Any], drained: dict[str, Any], faults: list[list
     ]  # fmt: skip
     load_tool = wrk_version() and "wrk -t1 (a unique body per request)"
     load_tool = load_tool or "the Python generator in bench/benchlib.py (wrk not installed)"
-    fault_table = table(["run", "events answered 200/202", "delivered", "lost",
+    fault_table = table(["run", "events answered 200/202", "delivered", "not at Meta at the end",
                          "copies Meta accepted per event", "time"], faults)  # fmt: skip
     markdown = f"""## 5. Queued delivery: durable acceptance, batching, backlog, faults
 
