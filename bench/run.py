@@ -1,4 +1,4 @@
-"""`make bench`: the three benchmarks in one go, then every target with its verdict.
+"""`make bench`: the benchmarks in one go, then every target with its verdict.
 
 Prints Markdown; with --write FILE, also puts each section into FILE between its markers
 (`<!-- begin NAME -->` ... `<!-- end NAME -->`), keeping the rest of the file.
@@ -17,6 +17,7 @@ from pathlib import Path
 import e2e
 import map_core
 import memory
+import queued
 from benchlib import table, verdict, write_section
 
 
@@ -41,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         ),
         ("memory", lambda: memory.run(minutes=0.5 if args.quick else 5, rate=300)),
+        ("queued", lambda: queued.run(quick=args.quick)),
     ]
     targets: list[tuple[str, str, bool]] = []
     for name, bench in sections:
