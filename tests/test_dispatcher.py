@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.config import Config
+from server.delivery import dispatcher as dispatcher_module
 from server.delivery.dispatcher import LEASE_SECONDS, Dispatcher
 from server.delivery.graph import GraphClient
 from server.delivery.throttle import Breakers
@@ -259,3 +260,20 @@ def test_a_refusal_of_a_token_replaced_meanwhile_holds_nothing(harness):
     assert (counts["delivered"], counts["held"]) == (1, 0)
     first, second = harness.graph.bodies()
     assert (first["access_token"], second["access_token"]) == (TOKEN, "EAAB-new-user-token")
+
+
+def test_the_claims_of_a_long_send_are_renewed(harness, monkeypatch):
+    """A send that outlasts its lease keeps its claim; a dead process's claims end within
+    LEASE_SECONDS (previous test)."""
+    monkeypatch.setattr(dispatcher_module, "RENEW_SECONDS", 0.05)
+    harness.graph.script.append(Step(delay=1.0))  # Meta is slow
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> float:
+        await queue.enqueue([new(1)])
+        dispatcher.wake()
+        await until(queue, lambda _: len(harness.graph.received) == 1)
+        harness.clock.now += LEASE_SECONDS - 1  # the lease nearly over, the send still out
+        await asyncio.sleep(0.3)
+        return rows(queue)["e1"].next_at
+
+    assert harness.run(body) >= NOW + 2 * LEASE_SECONDS - 1

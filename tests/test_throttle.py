@@ -84,3 +84,17 @@ def test_timeouts_double_after_a_timeout_and_come_back_down():
     for _ in range(10):
         timeouts.timed_out(timeouts.current())
     assert timeouts.current() == 60  # never above the ceiling
+
+
+def test_failures_of_requests_sent_before_it_opened_do_not_lengthen_it():
+    """Sixty-three requests out together that all time out open the breaker once, not
+    sixty-three doublings deep."""
+    clock = Clock()
+    breakers = Breakers(clock=clock, rand=lambda: 0.0)
+    for _ in range(63):
+        breakers.failed(KEY, throttled=False)
+    assert breakers.open_until(KEY) == clock.now + FAILING_SECONDS
+    clock.now += FAILING_SECONDS
+    assert breakers.allow(KEY)  # the probe fails: now it doubles
+    breakers.failed(KEY, throttled=False)
+    assert breakers.open_until(KEY) == clock.now + 2 * FAILING_SECONDS

@@ -25,6 +25,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -46,9 +47,10 @@ from server.storage.credentials import CredentialStore
 from server.storage.outbox import Claimed, Outbox
 
 CLAIM_LIMIT = 5 * MAX_EVENTS_PER_REQUEST
-# A claim outlasts any send of its events (attempt timeouts stop at 60 s; a bisection makes
-# several); a crash leaves them due again when it ends.
-LEASE_SECONDS = 300.0
+# A claim is renewed every RENEW_SECONDS while its events are being sent; a crash leaves them
+# due again within LEASE_SECONDS.
+LEASE_SECONDS = 20.0
+RENEW_SECONDS = 5.0
 # Due events wait this long before a claim, unless a backlog is being worked off, so that the
 # events of many calls gather into full requests (at 5,000 events/s, 1,000 per request), at a
 # cost of this much latency on a quiet server.
@@ -105,9 +107,11 @@ class Dispatcher:
         self._stopping = False
         self._backlog = False
         self._main: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._main = asyncio.create_task(self._run())
+        self._renewer = asyncio.create_task(self._renew())
 
     def wake(self) -> None:
         """New events are due: the loop claims them now instead of at its next poll."""
@@ -123,12 +127,14 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
         if not self._tasks:
+            await self._stop_renewing()
             return
         _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
         unfinished = [seq for task in late for seq in self._tasks.get(task, ())]
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+        await self._stop_renewing()
         if unfinished:
             now = self._clock()
             due = [(seq, now) for seq in unfinished]
@@ -136,6 +142,25 @@ class Dispatcher:
                 lambda db: outbox.reschedule(db, due, now=now, error=None, attempted=False)
             )
             log("dispatcher_released", events=len(due))
+
+    async def _stop_renewing(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+
+    async def _renew(self) -> None:
+        """Extends the leases of the events being sent (claimed and waiting for a slot, or in
+        a request), so a long send keeps its claim and a dead process's claims end soon."""
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            if not self._in_flight:
+                continue
+            until = self._clock() + LEASE_SECONDS
+            seqs = list(self._in_flight)
+            try:
+                await self._queue.write(partial(outbox.renew, seqs=seqs, lease_until=until))
+            except Exception as exc:  # the next round tries again; the lease has 20 s
+                log("lease_renewal_failed", logging.ERROR, error=type(exc).__name__)
 
     async def _run(self) -> None:
         now = self._clock()

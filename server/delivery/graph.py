@@ -166,9 +166,9 @@ class GraphClient:
     async def send(self, delivery: Delivery, *, project_id: str, budget: float) -> dict[str, Any]:
         """Meta's success body; raises an UpstreamError once retrying cannot help.
 
-        No attempt starts after `budget` seconds, but a started one is not cut at the budget:
-        Meta may be processing it, and a resend would be a second copy. Every attempt sends
-        the same bytes, so event_ids stay stable for deduplication.
+        No attempt starts after `budget` seconds, and none is cut before the budget ends (nor
+        before its own timeout): the runner hands an attempt still out at the end over to the
+        queue. Every attempt sends the same bytes, so event_ids stay stable for deduplication.
         """
         pixel_id = delivery.batch.pixel_id
         key = (delivery.access_token, pixel_id)
@@ -185,7 +185,10 @@ class GraphClient:
         while True:
             attempt += 1
             try:
-                result = await self.attempt(url, content, self.timeouts)
+                # Not cut before the budget ends: Meta may be processing it, and a resend
+                # would be a second copy; a slow answer in the budget is still an answer.
+                remaining = deadline - time.monotonic()
+                result = await self.attempt(url, content, self.timeouts, at_least=remaining)
             except BaseException:
                 self.breakers.abandoned(key)
                 raise
@@ -208,9 +211,11 @@ class GraphClient:
         else:
             self.breakers.succeeded(key)
 
-    async def attempt(self, url: str, content: bytes, timeouts: AttemptTimeouts) -> Attempt:
-        """One POST, on `timeouts`' current clock (which learns from it)."""
-        timeout = timeouts.current()
+    async def attempt(
+        self, url: str, content: bytes, timeouts: AttemptTimeouts, *, at_least: float = 0.0
+    ) -> Attempt:
+        """One POST, on `timeouts`' current clock (which learns from it), or `at_least`."""
+        timeout = max(timeouts.current(), at_least)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):

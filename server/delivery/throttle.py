@@ -70,8 +70,10 @@ class Breakers:
 
     def failed(self, key: Key, *, throttled: bool) -> None:
         state = self._states.setdefault(key, _State())
+        was_probe, state.probing = state.probing, False
+        if state.open_until > self._clock() and not was_probe:
+            return  # sent before the breaker opened: its failure is already counted
         state.failures += 1
-        state.probing = False
         if not throttled and state.failures < THRESHOLD and state.open_until == 0.0:
             return
         start, cap = (

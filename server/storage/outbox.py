@@ -151,6 +151,15 @@ def claim(db: sqlite3.Connection, *, now: float, lease_until: float, limit: int)
     return [Claimed(*row) for row in rows]
 
 
+def renew(db: sqlite3.Connection, seqs: Iterable[int], *, lease_until: float) -> None:
+    """Extends the claims on rows still queued (a settled row is left as it is)."""
+    _each(
+        db,
+        "UPDATE outbox SET next_at = ? WHERE seq = ? AND status = 'queued'",
+        [(lease_until, seq) for seq in seqs],
+    )
+
+
 def next_due(db: sqlite3.Connection) -> float | None:
     row = db.execute("SELECT min(next_at) FROM outbox WHERE status = 'queued'").fetchone()
     return None if row[0] is None else float(row[0])
