@@ -164,13 +164,16 @@ class Runner:
         """The tool's answer from Meta's (by default Meta's JSON, unwrapped), or `Queued`.
         Nothing is sent or queued unless every check passed."""
         batch = self.prepare(project, tool_name, parameters, new_id=new_id)
-        token = self.access_token(project, user_id)
         if prefer.respond_async or self._config.delivery_mode(project) == "queued":
+            if not self.has_credential(project, user_id):  # the token is read when sending
+                raise IntegrationNotEnabled
             await self._enqueue(project.id, user_id, batch)
             reason = "requested" if prefer.respond_async else "queued_mode"
             return Queued(batch.event_ids, reason, batch.warnings)
         try:
-            delivery = Delivery(batch, token, project.facebook_app_secret)
+            delivery = Delivery(
+                batch, self.access_token(project, user_id), project.facebook_app_secret
+            )
         except orjson.JSONEncodeError:
             raise _not_json() from None
         budget = self._config.delivery.sync_budget_seconds

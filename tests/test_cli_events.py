@@ -97,7 +97,7 @@ def add(
         }
         events.append(outbox.NewEvent(project, user, pixel, None, event, orjson.dumps(event)))
     db.execute("BEGIN IMMEDIATE")
-    seqs = outbox.insert(db, events, now=now, next_at=now)
+    seqs = list(outbox.insert(db, outbox.rows_of(events, now=now, next_at=now)))
     db.execute("COMMIT")
     return seqs
 

@@ -517,7 +517,9 @@ def _statuses(tmp_path: Path) -> dict[str, dict[str, Any]]:
         names = ("queued", "retrying", "held", "delivered", "rejected", "expired")
         rows = [outbox.NewEvent(PROJECT, "user-1", PIXEL, None, {**EVENT, "event_id": name}, b"{}")
                 for name in names]  # fmt: skip
-        seq = dict(zip(names, outbox.insert(db, rows, now=NOW, next_at=NOW), strict=True))
+        seq = dict(
+            zip(names, outbox.insert(db, outbox.rows_of(rows, now=NOW, next_at=NOW)), strict=True)
+        )
         later = NOW + 5
         rejected = {
             "code": "UPSTREAM_REJECTED",

@@ -45,10 +45,14 @@ class Writer:
 
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """`job(connection)`'s result, once the transaction that ran it is on disk."""
+        return await self.submit(job)
+
+    def submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """The same, as a future (for callers that settle others' futures from it)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((job, loop, future))
-        return await future
+        return future
 
     def close(self) -> None:
         """Commits what is queued, then closes the connection."""
