@@ -11,7 +11,7 @@ from starlette.responses import Response
 from server.access import authenticate
 from server.bodies import read_json_body
 from server.errors import BadRequest, NotFound
-from server.idempotency import HEADER, Idempotency, derived_ids, fingerprint, parse_key
+from server.idempotency import Idempotency, derived_ids, fingerprint, parse_key
 from server.listing import FORMATS, as_function, as_paragon
 from server.logs import clip
 from server.responses import json_response
@@ -26,7 +26,8 @@ MAX_WAIT_SECONDS = 3600  # a `Prefer: wait` beyond this is read as this
 
 async def _run(request: Request, name_key: str) -> Response:
     project, user_id = authenticate(request)
-    key = parse_key(request.headers.getlist(HEADER))
+    prefer, keys = _headers_of_note(request.scope["headers"])
+    key = parse_key(keys)
     body = await read_json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="INVALID_REQUEST")
@@ -46,6 +47,7 @@ async def _run(request: Request, name_key: str) -> Response:
             new_id = derived_ids(project.id, user_id, key, fingerprint(tool_name, parameters))
         return json_response(runner.dry_run(project, user_id, tool_name, parameters, new_id=new_id))
     sent = parameters  # the request's identity: as sent, before the Accept-driven default
+    preferences = _preferences(prefer)
     if (
         isinstance(parameters, dict)
         and "response_format" not in parameters
@@ -56,15 +58,14 @@ async def _run(request: Request, name_key: str) -> Response:
         # from openapi.json cannot parse text (MCP keeps its markdown default: README, Tools).
         fmt = "markdown" if _prefers_markdown(request.headers.get("accept", "")) else "json"
         parameters = {**parameters, "response_format": fmt}
-    prefer = _preferences(request.headers.getlist("prefer"))
 
     async def call(new_id: Callable[[], str] | None) -> Response:
         answer = await runner.run(
-            project, user_id, tool_name, parameters, prefer=prefer, new_id=new_id
+            project, user_id, tool_name, parameters, prefer=preferences, new_id=new_id
         )
         if isinstance(answer, Queued):
-            return _accepted(project.id, answer, prefer)
-        applied = _applied(prefer, queued=False)
+            return _accepted(project.id, answer, preferences)
+        applied = _applied(preferences, queued=False)
         if isinstance(answer, JsonAnswer):
             request.state.fbtrace_id = answer.body.get("fbtrace_id")
             return json_response(answer.body, headers=applied)
@@ -84,6 +85,19 @@ def _accepted(project_id: str, queued: Queued, prefer: Preferences) -> Response:
     if queued.event_ids:
         headers["Location"] = status_path(project_id, queued.event_ids[0])
     return json_response(queued.body(project_id), status=202, headers=headers)
+
+
+def _headers_of_note(headers: list[tuple[bytes, bytes]]) -> tuple[list[str], list[str]]:
+    """`Prefer` and `Idempotency-Key` field lines, in one pass over the raw headers (this
+    runs on every call; starlette's getlist would scan them once per name)."""
+    prefer: list[str] = []
+    keys: list[str] = []
+    for name, value in headers:
+        if name == b"prefer":
+            prefer.append(value.decode("latin-1"))
+        elif name == b"idempotency-key":
+            keys.append(value.decode("latin-1"))
+    return prefer, keys
 
 
 def _preferences(values: list[str]) -> Preferences:

@@ -72,13 +72,15 @@ def test_an_abandoned_probe_lets_another_go():
 
 
 def test_timeouts_double_after_a_timeout_and_come_back_down():
-    timeouts = AttemptTimeouts(1.5, ceiling=60, window=4)
+    timeouts = AttemptTimeouts(1.5, ceiling=60)
     assert timeouts.current() == 1.5
     timeouts.timed_out(1.5)
     assert timeouts.current() == 3.0
     timeouts.timed_out(3.0)
     assert timeouts.current() == 6.0
-    for _ in range(4):  # quick answers push the slow samples out
+    timeouts.answered(2.0)  # one quick answer does not undo what the timeouts showed
+    assert timeouts.current() > 5.0
+    for _ in range(64):  # quick answers make the slow ones fade
         timeouts.answered(0.2)
     assert timeouts.current() == 1.5  # never below the floor
     for _ in range(10):

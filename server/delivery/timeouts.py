@@ -6,28 +6,29 @@ wait twice as long; as quick answers return, the timeout comes back down to its 
 
 from __future__ import annotations
 
-from collections import deque
+# Per answer, the remembered slowest latency shrinks by this factor: after 64 quick answers
+# a slow one counts for 4 % of itself.
+DECAY = 0.95
 
 
 class AttemptTimeouts:
-    def __init__(self, floor: float, *, ceiling: float = 60.0, window: int = 64) -> None:
+    """Twice the slowest recent latency, between a floor and a ceiling (O(1) per answer: it
+    runs on every sync call)."""
+
+    def __init__(self, floor: float, *, ceiling: float = 60.0) -> None:
         self._floor = floor
         self._ceiling = max(ceiling, floor)
-        self._recent: deque[float] = deque(maxlen=window)  # seconds of the latest attempts
+        self._slowest = 0.0  # seconds, decaying
         self._current = floor
 
     def current(self) -> float:
         return self._current
 
     def answered(self, seconds: float) -> None:
-        self._recent.append(seconds)
-        self._update()
+        self._slowest = max(seconds, self._slowest * DECAY)
+        self._current = min(self._ceiling, max(self._floor, 2.0 * self._slowest))
 
     def timed_out(self, timeout: float) -> None:
         """An attempt got no answer in `timeout`: the latency is at least that."""
-        self._recent.append(timeout)
-        self._update()
-
-    def _update(self) -> None:
-        # Twice the slowest recent attempt: room for Meta's tail without waiting forever.
-        self._current = min(self._ceiling, max(self._floor, 2.0 * max(self._recent)))
+        self._slowest = max(timeout, self._slowest)
+        self._current = min(self._ceiling, max(self._floor, 2.0 * self._slowest))
