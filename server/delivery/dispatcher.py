@@ -56,7 +56,7 @@ RENEW_SECONDS = 5.0
 # cost of this much latency on a quiet server.
 LINGER_SECONDS = 0.2
 POLL_SECONDS = 1.0  # replays from the CLI and ended leases are seen at least this often
-RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 2.0, 900.0
+RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 1.0, 900.0
 PRUNE_EVERY_SECONDS = 3600.0
 RECOUNT_EVERY_SECONDS = 60.0
 
