@@ -164,11 +164,15 @@ class Dispatcher:
 
     async def _run(self) -> None:
         now = self._clock()
-        resumed = await self._queue.write(lambda db: outbox.release_held(db, now=now))
-        if resumed:
-            log("held_events_resumed", events=resumed)
+        try:
+            # A restart may bring a new project token: held events get another try.
+            resumed = await self._queue.write(lambda db: outbox.release_held(db, now=now))
+            if resumed:
+                log("held_events_resumed", events=resumed)
+            await self._prune(now)
+        except Exception as exc:  # the loop below still delivers; the next prune retries
+            log("dispatcher_error", logging.ERROR, error=type(exc).__name__)
         last_prune = last_count = time.monotonic()
-        await self._prune(self._clock())
         while not self._stopping:
             try:
                 if time.monotonic() - last_prune >= PRUNE_EVERY_SECONDS:
