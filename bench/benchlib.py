@@ -255,14 +255,27 @@ class Servers:
         return f"/projects/{PROJECT}/tools"
 
 
+def write_key_pair(root: Path) -> bytes:
+    """A new RSA key pair for a project: the public half in root/project.pub.pem, the private
+    half (PEM) returned, to sign user tokens with."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (root / "project.pub.pem").write_bytes(public)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 @contextmanager
 def servers(*, forwarder: bool = False, uncoalesced: bool = False) -> Iterator[Servers]:
     """A fake Graph, a real `funnelgate serve` (logs on, to a file), optionally a second one with
     `graph.coalesce = false` and the bare forwarder, all on 127.0.0.1; everything is stopped
     and deleted on exit."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     from server.tokens import mint_user_token
 
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="funnelgate-bench-") as tmp:
@@ -273,16 +286,7 @@ def servers(*, forwarder: bool = False, uncoalesced: bool = False) -> Iterator[S
         graph_args = [sys.executable, str(BENCH_DIR / "fakegraph.py"), "--port", str(port)]
         spawn(stack, "fake Graph", graph_args, f"{found.graph_url}/stats")
 
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        (root / "project.pub.pem").write_bytes(public)
+        private = write_key_pair(root)
         project = (
             f'[[projects]]\nid = "{PROJECT}"\njwt_public_key_file = "project.pub.pem"\n'
             f'facebook_access_token = "{ACCESS_TOKEN}"\n'

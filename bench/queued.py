@@ -45,6 +45,7 @@ from benchlib import (
     spawn,
     table,
     verdict,
+    write_key_pair,
     write_section,
     wrk_version,
 )
@@ -135,22 +136,10 @@ class Gate:
     def __init__(
         self, stack: ExitStack, root: Path, graph_url: str, **tables: dict[str, Any]
     ) -> None:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
         from server.tokens import mint_user_token
 
         root.mkdir(parents=True)
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        (root / "project.pub.pem").write_bytes(public)
+        private = write_key_pair(root)
         lines = []
         tables = {**tables, "graph": {"base_url": graph_url, **tables.get("graph", {})}}
         for name, settings in tables.items():
