@@ -96,8 +96,9 @@ class Dispatcher:
         self._config = config
         self._clock = clock
         self._rand = rand
-        # Batches of up to 1,000 events take longer at Meta than one event: their own clock.
-        self._timeouts = AttemptTimeouts(config.graph.timeout_seconds * 2)
+        # Its own clock, and a patient one: a batch of up to 1,000 events takes longer at Meta
+        # than one event, a cut batch is up to 1,000 copies, and no caller is waiting.
+        self._timeouts = AttemptTimeouts(config.graph.timeout_seconds * 5)
         self._limit = config.delivery.max_concurrent_requests
         self._slots = asyncio.Semaphore(self._limit)
         self._in_flight: set[int] = set()  # seqs being sent: a re-claim must not send twice
