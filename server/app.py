@@ -91,7 +91,6 @@ def create_app(
         dispatcher = Dispatcher(queue, graph, credentials, config, clock=clock)
         app.state.outbox = queue
         app.state.idempotency = Idempotency(queue, clock=clock)
-        app.state.dispatcher = dispatcher
         app.state.runner = Runner(
             catalog, credentials, sender, queue, config,
             graph_url=graph.url, wake_dispatcher=dispatcher.wake, clock=clock,
