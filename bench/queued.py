@@ -137,18 +137,13 @@ class Gate:
         self, stack: ExitStack, root: Path, graph_url: str, **tables: dict[str, Any]
     ) -> None:
         from server.tokens import mint_user_token
+        from tests.support import config_toml
 
         root.mkdir(parents=True)
         private = write_key_pair(root)
-        lines = []
         tables = {**tables, "graph": {"base_url": graph_url, **tables.get("graph", {})}}
-        for name, settings in tables.items():
-            lines.append(f"[{name}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-        lines += ["[[projects]]", f'id = "{PROJECT}"', 'jwt_public_key_file = "project.pub.pem"',
-                  f'facebook_access_token = "{ACCESS_TOKEN}"']  # fmt: skip
         self.config = root / "config.toml"
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text(config_toml(tables, project=PROJECT, access_token=ACCESS_TOKEN))
         self.database = root / "funnelgate.db"
         self.token = mint_user_token(private, PROJECT, "bench-user", ttl_seconds=4 * 3600)
         self.headers = auth_headers(self.token)

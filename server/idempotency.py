@@ -50,7 +50,7 @@ from server.errors import (
 )
 from server.logs import log
 from server.responses import error_response
-from server.storage.idempotency import KEY_TTL_SECONDS, Stored, create_schema, lookup, save
+from server.storage.idempotency import KEY_TTL_SECONDS, Stored, lookup, save
 from tools.base import Violation
 
 HEADER = "Idempotency-Key"
@@ -172,7 +172,6 @@ Call = Callable[[Callable[[], str]], Awaitable[Response]]
 
 class Idempotency:
     def __init__(self, store: Store, *, clock: Callable[[], float]) -> None:
-        store.read(create_schema)  # once, at start-up, before any call
         self._store = store
         self._clock = clock
         # (project, user, key hash) -> fingerprint of the call running with that key

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -83,8 +84,6 @@ class Queued:
 
 
 def status_path(project_id: str, event_id: str) -> str:
-    from urllib.parse import quote  # noqa: PLC0415
-
     return f"/projects/{quote(project_id, safe='')}/events/{quote(event_id, safe='')}"
 
 
@@ -120,8 +119,7 @@ class Runner:
         return bool(project.facebook_access_token) or self._credentials.has(project.id, user_id)
 
     def access_token(self, project: Project, user_id: str) -> str:
-        """The user's own credential wins over the project-wide token."""
-        token = self._credentials.get(project.id, user_id) or project.facebook_access_token
+        token = self._credentials.token_for(project, user_id)
         if token is None:
             raise IntegrationNotEnabled
         return token

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
 import socket
 import subprocess
 import time
@@ -113,6 +114,20 @@ def make_config(
         ],
     }
     return parse_config(raw, base_dir=tmp_path, env={"FUNNELGATE_SECRET_KEY": SECRET_KEY})
+
+
+def config_toml(tables: Mapping[str, Mapping[str, Any]], *, project: str, access_token: str) -> str:
+    """A config file's text for a `funnelgate serve` process: `tables` (plain values: JSON
+    spells strings, numbers, booleans and lists of them as TOML does), then one project whose
+    user tokens project.pub.pem (beside the file) verifies."""
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+    lines += ["[[projects]]", f"id = {json.dumps(project)}",
+              'jwt_public_key_file = "project.pub.pem"',
+              f"facebook_access_token = {json.dumps(access_token)}"]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def funnel_parameters(**overrides: Any) -> dict[str, Any]:

@@ -307,8 +307,22 @@ def test_replay_by_id_stays_in_the_project_asked_for(capsys, config_path: Path, 
     assert states == [("p1", "failed"), ("p2", "queued")]
 
 
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every SQL statement the CLI's connections run, in order."""
+    ran: list[str] = []
+
+    def traced(path: Path) -> sqlite3.Connection:
+        connection = connect(path)
+        connection.set_trace_callback(ran.append)
+        return connection
+
+    monkeypatch.setattr(cli, "connect", traced)
+    return ran
+
+
 def test_replay_all_failed_commits_in_batches_of_at_most_1000(
-    capsys, config_path: Path, db, monkeypatch
+    capsys, config_path: Path, db, statements
 ):
     failed = add(db, 2500, prefix="bulk")
     outbox.mark_failed(db, failed, now=time.time(), error=REJECTED)
@@ -317,14 +331,6 @@ def test_replay_all_failed_commits_in_batches_of_at_most_1000(
     outbox.mark_delivered(db, delivered, now=time.time(), fbtrace_id=None)
     ids_before = db.execute("SELECT seq, event_id, event FROM outbox ORDER BY seq").fetchall()
 
-    statements: list[str] = []
-
-    def traced(path: Path) -> sqlite3.Connection:
-        connection = connect(path)
-        connection.set_trace_callback(statements.append)
-        return connection
-
-    monkeypatch.setattr(cli, "connect", traced)
     code, out, err = run(capsys, "events", "replay", "--config", str(config_path), "--all-failed",
                          "--project", "p1")  # fmt: skip
     assert code == 0, err
@@ -342,17 +348,9 @@ def test_replay_all_failed_commits_in_batches_of_at_most_1000(
     assert counts == {"queued": 2500, "delivered": 10, "failed": 1}  # p2's was not asked for
 
 
-def test_replay_by_many_ids_commits_in_batches(capsys, config_path: Path, db, monkeypatch):
+def test_replay_by_many_ids_commits_in_batches(capsys, config_path: Path, db, statements):
     failed = add(db, 1500, prefix="many")
     outbox.mark_failed(db, failed, now=time.time(), error=REJECTED)
-    statements: list[str] = []
-
-    def traced(path: Path) -> sqlite3.Connection:
-        connection = connect(path)
-        connection.set_trace_callback(statements.append)
-        return connection
-
-    monkeypatch.setattr(cli, "connect", traced)
     ids = [f"many-{i}" for i in range(1500)]
     code, out, err = run(capsys, "events", "replay", "--config", str(config_path), "--project", "p1",
                          "--event-id", *ids)  # fmt: skip

@@ -28,6 +28,7 @@ import pytest
 
 from tests.faultgraph import FaultGraph
 from tests.support import (
+    config_toml,
     free_port,
     funnel_parameters,
     public_pem,
@@ -68,14 +69,6 @@ def graph() -> Iterator[FaultGraph]:
 # The servers
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string for these plain values
-    return repr(value)
-
-
 class Gate:
     """`funnelgate serve` on one config and database, started (and restarted) by the test."""
 
@@ -97,14 +90,8 @@ class Gate:
             "storage": {"url": "sqlite:///funnelgate.db"},
             "server": dict(server or {}),
         }
-        lines = []
-        for name, table in tables.items():
-            lines.append(f"[{name}]")
-            lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
-        lines += ["[[projects]]", f"id = {_toml(PROJECT)}", 'jwt_public_key_file = "project.pub.pem"',
-                  f"facebook_access_token = {_toml(ACCESS_TOKEN)}"]  # fmt: skip
         self.config = root / "config.toml"
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text(config_toml(tables, project=PROJECT, access_token=ACCESS_TOKEN))
         self.database = root / "funnelgate.db"
         self.log = root / "funnelgate.log"
         self.process: subprocess.Popen[bytes] | None = None

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from server.config import Config
+from server.config import Config, Project
 from server.delivery.graph import (
     MAX_EVENTS_PER_REQUEST,
     Attempt,
@@ -45,6 +45,7 @@ from server.logs import log
 from server.storage import idempotency, outbox
 from server.storage.credentials import CredentialStore
 from server.storage.outbox import Claimed, Outbox
+from server.storage.writer import PRUNE_BATCH
 
 CLAIM_LIMIT = 5 * MAX_EVENTS_PER_REQUEST
 # A claim is renewed every RENEW_SECONDS while its events are being sent; a crash leaves them
@@ -233,8 +234,8 @@ class Dispatcher:
             else:
                 who = (row.project_id, row.user_id)
                 if who not in tokens:
-                    tokens[who] = self._token(row.project_id, row.user_id)
-                token = tokens[who] or project.facebook_access_token
+                    tokens[who] = self._token(project, row.user_id)
+                token = tokens[who]
                 if token is None:
                     uncredentialed.append(row.seq)
                     continue
@@ -250,16 +251,15 @@ class Dispatcher:
 
     def _current_token(self, project_id: str, user_id: str) -> str | None:
         project = self._config.projects.get(project_id)
-        fallback = project.facebook_access_token if project else None
-        return self._token(project_id, user_id) or fallback
+        return None if project is None else self._token(project, user_id)
 
-    def _token(self, project_id: str, user_id: str) -> str | None:
+    def _token(self, project: Project, user_id: str) -> str | None:
         try:
-            return self._credentials.get(project_id, user_id)
+            return self._credentials.token_for(project, user_id)
         except Exception as exc:  # a key that no longer opens it: as if there were none
-            log("credential_unreadable", logging.ERROR, project=project_id,
+            log("credential_unreadable", logging.ERROR, project=project.id,
                 error=type(exc).__name__)  # fmt: skip
-            return None
+            return project.facebook_access_token
 
     async def _fail(
         self,
@@ -382,16 +382,18 @@ class Dispatcher:
         await self._fail(expired, now, "EVENT_EXPIRED", _EXPIRED, error)
 
     async def _prune(self, now: float) -> None:
-        before = now - self._config.storage.retention_days * 86400
-        pruned = 0
-        while True:
-            count = await self._queue.write(lambda db: outbox.prune(db, before=before))
-            pruned += count
-            if count < 5000 or self._stopping:
+        """Finished events past the retention, and idempotency keys past their 24 h."""
+        days = self._config.storage.retention_days
+        events = await self._prune_all(outbox.prune, now - days * 86400)
+        await self._prune_all(idempotency.prune, now - idempotency.KEY_TTL_SECONDS)
+        if events:
+            log("events_pruned", events=events)
+
+    async def _prune_all(self, prune: Callable[..., int], before: float) -> int:
+        total = 0
+        while not self._stopping:
+            count = await self._queue.write(partial(prune, before=before))
+            total += count
+            if count < PRUNE_BATCH:
                 break
-        if pruned:
-            log("events_pruned", events=pruned)
-        key_before = now - idempotency.KEY_TTL_SECONDS
-        while await self._queue.write(lambda db: idempotency.prune(db, before=key_before)) >= 5000:
-            if self._stopping:
-                break
+        return total

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from server.config import StorageSettings
+from server.config import Project, StorageSettings
 from server.errors import ConfigError
 from server.storage.crypto import NO_KEY_HINT, Keyring
 
@@ -102,6 +102,10 @@ class CredentialStore:
         if row is None:
             return None
         return self._keyring.open(row[0], row[1], _context(project_id, user_id)).decode()
+
+    def token_for(self, project: Project, user_id: str) -> str | None:
+        """The token the user's events go with: its own credential wins over the project's."""
+        return self.get(project.id, user_id) or project.facebook_access_token
 
     def has(self, project_id: str, user_id: str) -> bool:
         """Whether the user has a credential; opens nothing."""

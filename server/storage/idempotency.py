@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from server.storage.writer import PRUNE_BATCH
+
 KEY_TTL_SECONDS = 24 * 3600  # how long a key holds (README, Idempotency-Key)
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS idempotency (
@@ -79,7 +81,7 @@ def save(
     )
 
 
-def prune(db: sqlite3.Connection, *, before: float, limit: int = 5000) -> int:
+def prune(db: sqlite3.Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
     """Deletes up to `limit` rows stored before `before` (the retention loop passes
     now - KEY_TTL_SECONDS); the number deleted."""
     return db.execute(

@@ -17,6 +17,7 @@ writer, writer.py) and the CLI (its own connection) share them.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import sqlite3
 import threading
@@ -31,7 +32,7 @@ import orjson
 from server.errors import StorageUnavailable
 from server.logs import log
 from server.storage import idempotency
-from server.storage.writer import Writer, connect
+from server.storage.writer import PRUNE_BATCH, Writer, connect
 from tools.capi import MAX_AGE_SECONDS, MAX_AGE_SECONDS_PHYSICAL_STORE
 
 SCHEMA = """
@@ -292,7 +293,7 @@ def _held_args(project_id: str | None, user_id: str | None) -> tuple[str, ...]:
     return (project_id,) if user_id is None else (project_id, user_id)
 
 
-def prune(db: sqlite3.Connection, *, before: float, limit: int = 5000) -> int:
+def prune(db: sqlite3.Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
     """Deletes up to `limit` finished rows last changed before `before`."""
     return db.execute(
         "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE status IN "
@@ -355,8 +356,6 @@ class EventStatus:
 
 
 def _iso(seconds: float) -> str:
-    import datetime  # noqa: PLC0415 - only the read side formats times
-
     moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 

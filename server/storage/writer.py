@@ -24,6 +24,8 @@ Job = Callable[[sqlite3.Connection], Any]
 _Waiting = tuple[Job, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 # Jobs per transaction: bounds how long one commit keeps the others waiting.
 MAX_JOBS_PER_COMMIT = 512
+# Rows one pruning statement deletes at most: a clean-up never holds the writer for long.
+PRUNE_BATCH = 5000
 _STOP = None
 
 
