@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from starlette.requests import Request
 
 from server.auth import bearer_token
 from server.config import Project
 from server.errors import NotFound
+from server.permissions import Permissions
 
 
 def project_of(request: Request) -> Project:
@@ -18,8 +21,14 @@ def project_of(request: Request) -> Project:
     return project
 
 
-def authenticate(request: Request) -> tuple[Project, str]:
-    """The URL's project and the connected user (the verified token's `sub`)."""
+class Caller(NamedTuple):
+    project: Project
+    user_id: str  # the verified token's `sub`
+    permissions: Permissions  # its JWT Permissions claim, for this request only
+
+
+def authenticate(request: Request) -> Caller:
+    """The URL's project, the connected user and what its token may use."""
     project = project_of(request)
     token = bearer_token(request.headers.get("authorization"))
-    return project, request.app.state.tokens.verify(token, project)
+    return Caller(project, *request.app.state.tokens.caller(token, project))

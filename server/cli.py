@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -26,9 +27,16 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from server.config import Config, load_config
+from server.delivery.dispatcher import CREDENTIAL_REMOVED
 from server.errors import ConfigError
 from server.storage import outbox
-from server.storage.credentials import CredentialStore, open_credentials
+from server.storage.credentials import (
+    EXTERNAL,
+    MAX_SELECTOR,
+    Credential,
+    CredentialStore,
+    open_credentials,
+)
 from server.storage.outbox import EventStatus
 from server.storage.writer import connect
 
@@ -85,20 +93,32 @@ def _parser() -> argparse.ArgumentParser:
     creds = commands.add_parser("credentials", help="manage connected users' Meta access tokens")
     actions = creds.add_subparsers(required=True, metavar="ACTION")
     set_ = actions.add_parser(
-        "set", help="store a user's access token (from a file, or - for stdin)"
+        "set",
+        help="store an access token (from a file, or - for stdin) as one of a user's "
+        "credentials: a new one, or the one --credential-id or --external-id names",
     )
     list_ = actions.add_parser("list", help="list stored credentials (never prints tokens)")
-    remove = actions.add_parser("remove", help="delete a user's credential")
+    remove = actions.add_parser(
+        "remove", help="delete a credential (by id, by external id, or all of a user's)"
+    )
     for sub in (set_, list_, remove):
         _config_arg(sub)
         sub.add_argument("--project", required=sub is not list_)
-    for sub in (set_, remove):
-        sub.add_argument("--user", required=True)
+        sub.add_argument("--user", required=sub is set_)
     set_.add_argument(
         "--access-token-file",
         required=True,
         help="file holding the token, or - to read it from stdin",
     )
+    for sub in (set_, remove):
+        which = sub.add_mutually_exclusive_group()
+        which.add_argument("--credential-id", help="the credential's id, a UUID")
+        which.add_argument("--external-id", help="your own id for it (ext:<id> in the header)")
+    set_.add_argument("--label", help="a name to tell the user's credentials apart")
+    set_.add_argument(
+        "--default", action="store_true", help="calls without X-Paragon-Credential use it"
+    )
+    list_.add_argument("--json", action="store_true", help="one JSON object per line")
     set_.set_defaults(handler=_credentials_set)
     list_.set_defaults(handler=_credentials_list)
     remove.set_defaults(handler=_credentials_remove)
@@ -275,6 +295,7 @@ def _token(args: argparse.Namespace) -> int:
 def _credentials_set(args: argparse.Namespace) -> int:
     config = _config(args)
     project = _project_id(config, args.project)
+    credential_id = _uuid(args.credential_id) if args.credential_id else None
     if args.access_token_file == "-":  # noqa: S105 - the stdin marker, not a secret
         token = sys.stdin.read().strip()
     else:
@@ -284,70 +305,118 @@ def _credentials_set(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot read {args.access_token_file} ({exc.strerror})") from None
     if not token:
         raise ConfigError("the access token is empty")
-    store = open_credentials(config.storage)
-    try:
-        store.set(project, args.user, token)
-    finally:
-        store.close()
+    for name in ("external_id", "label"):
+        value = getattr(args, name)
+        if value is not None and not 0 < len(value) <= MAX_SELECTOR - len(EXTERNAL):
+            raise ConfigError(f"--{name.replace('_', '-')} must be 1 to 196 characters")
+    with contextlib.closing(open_credentials(config.storage)) as store:
+        stored, new = store.set(
+            project, args.user, token,
+            credential_id=credential_id, external_id=args.external_id, label=args.label,
+            make_default=args.default,
+        )  # fmt: skip
     resumed = _settle_held(
         config,
         lambda db, limit: outbox.release_held(
-            db, now=time.time(), project_id=project, user_id=args.user, limit=limit
+            db, now=time.time(), project_id=project, credential_id=stored.id, limit=limit
         ),
     )
     print(
-        f"stored the access token for user {args.user!r} in project {project!r} (encrypted); "
-        f"{_held_events(resumed)} resumed"
+        f"{'stored' if new else 'replaced'} the access token of credential {stored.id} "
+        f"(user {args.user!r}, project {project!r}{', default' if stored.default else ''}; "
+        f"encrypted); {_held_events(resumed)} resumed"
     )
     return 0
+
+
+def _uuid(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ConfigError("--credential-id must be a UUID") from None
 
 
 def _credentials_list(args: argparse.Namespace) -> int:
     config = _config(args)
     project = _project_id(config, args.project) if args.project else None
     with contextlib.closing(_unverified(config)) as store:
-        infos = store.list(project)
-    for info in infos:
-        updated = datetime.fromtimestamp(info.updated_at, UTC).isoformat(timespec="seconds")
-        print(f"{info.project_id}\t{info.user_id}\tupdated {updated}\tkey {info.key_id}")
+        found = store.list(project, args.user)
+    if args.json:
+        for credential in found:
+            print(orjson.dumps(_public(credential)).decode())
+        return 0
+    if found:
+        print("\t".join(name.upper() for name in CREDENTIAL_COLUMNS))
+    for credential in found:
+        row = _public(credential)
+        print("\t".join(_shown(row[name]) for name in CREDENTIAL_COLUMNS))
     return 0
+
+
+CREDENTIAL_COLUMNS = ("project", "user", "id", "external_id", "label", "default", "status", "refused",
+                "last_used", "updated", "key")  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "-"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _public(credential: Credential) -> dict[str, Any]:
+    """What `list` shows of a credential: ids, state, Meta's refusal; never the token."""
+
+    def moment(seconds: int | None) -> str | None:
+        if seconds is None:
+            return None
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+    error = credential.status_error or {}
+    return {
+        "project": credential.project_id,
+        "user": credential.user_id,
+        "id": credential.id,
+        "external_id": credential.external_id,
+        "label": credential.label,
+        "default": credential.default,
+        "status": credential.status,
+        "refused": (error.get("upstream") or {}).get("code") if error else None,
+        "last_used": moment(credential.last_used_at),
+        "updated": moment(credential.updated_at),
+        "key": credential.key_id,
+        "error": error or None,
+    }
 
 
 def _credentials_remove(args: argparse.Namespace) -> int:
     config = _config(args)
     project = _project_id(config, args.project)
     with contextlib.closing(_unverified(config)) as store:
-        removed = store.remove(project, args.user)
+        if args.credential_id:
+            chosen = [store.by_id(project, _uuid(args.credential_id))]
+        elif args.user and args.external_id:
+            chosen = [store.find(project, args.user, EXTERNAL + args.external_id)]
+        elif args.user:
+            chosen = list(store.list(project, args.user))
+        else:
+            raise ConfigError("name the credential: --credential-id, or --user (and --external-id)")
+        removed = [c for c in chosen if c is not None and store.remove(project, c.id)]
     if not removed:
-        print(f"no credential for user {args.user!r}", file=sys.stderr)
+        print("no such credential", file=sys.stderr)
         return 1
-    if config.projects[project].facebook_access_token:
-        # The dispatcher sends this user's events with the project's token from now on.
-        resumed = _settle_held(
-            config,
-            lambda db, limit: outbox.release_held(
-                db, now=time.time(), project_id=project, user_id=args.user, limit=limit
-            ),
-        )
-        outcome = f"{_held_events(resumed)} resumed with the project's access token"
-    else:
+    for credential in removed:
         failed = _settle_held(
             config,
             lambda db, limit: outbox.fail_held(
-                db,
-                now=time.time(),
-                project_id=project,
-                user_id=args.user,
-                error=CREDENTIAL_REMOVED,
-                limit=limit,
+                db, now=time.time(), project_id=project, credential_id=credential.id,  # noqa: B023
+                error=CREDENTIAL_REMOVED, limit=limit,
             ),
+        )  # fmt: skip
+        print(
+            f"removed credential {credential.id} of user {credential.user_id!r}; "
+            f"{_held_events(failed)} failed ({CREDENTIAL_REMOVED['code']})"
         )
-        outcome = f"{_held_events(failed)} failed ({CREDENTIAL_REMOVED['code']})"
-    print(f"removed the credential of user {args.user!r}; {outcome}")
     return 0
-
-
-CREDENTIAL_REMOVED = {"code": "INTEGRATION_NOT_ENABLED", "message": "The credential was removed."}
 
 
 def _settle_held(config: Config, step: Callable[[sqlite3.Connection, int], int]) -> int:
@@ -429,6 +498,7 @@ def _outbox_db(config: Config) -> sqlite3.Connection:
     path = config.storage.database_path
     if not path.exists():
         raise ConfigError(f"no database at {path}: is this the config the server runs with?")
+    _unverified(config).close()  # brings the file to the current schema version first
     db = connect(path)
     try:
         # The server's writer may commit back to back under load: the CLI waits its turn.

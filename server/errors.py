@@ -4,7 +4,9 @@
     ├── BadRequest ............ 400 INVALID_JSON / INVALID_REQUEST
     │   └── InvalidParameters . 400 INVALID_PARAMETERS (+ errors: [{path, message}])
     ├── IntegrationNotEnabled . 400 INTEGRATION_NOT_ENABLED
+    ├── CredentialNotFound .... 400 CREDENTIAL_NOT_FOUND
     ├── Unauthorized .......... 401 UNAUTHORIZED
+    ├── Forbidden ............. 403 INTEGRATION_FORBIDDEN / CREDENTIAL_FORBIDDEN
     ├── NotFound .............. 404 UNKNOWN_PROJECT / UNKNOWN_TOOL / NOT_FOUND
     ├── IdempotencyInProgress . 409 IDEMPOTENCY_IN_PROGRESS (retryable, Retry-After)
     ├── MethodNotAllowed ...... 405 METHOD_NOT_ALLOWED
@@ -94,6 +96,23 @@ class IntegrationNotEnabled(FunnelgateError):
     def __init__(self) -> None:
         # ActionKit clients string-match this exact text.
         super().__init__("Integration not enabled for user.")
+
+
+class CredentialNotFound(FunnelgateError):
+    """`X-Paragon-Credential` names no credential of this user (the value is not echoed: an
+    external id may be an e-mail address)."""
+
+    status = 400
+    code = "CREDENTIAL_NOT_FOUND"
+
+    def __init__(self) -> None:
+        super().__init__("No credential with this id for this user.")
+
+
+class Forbidden(FunnelgateError):
+    """The token's JWT Permissions do not grant this (server/permissions.py)."""
+
+    status = 403
 
 
 class Unauthorized(FunnelgateError):

@@ -5,7 +5,9 @@
 through the same Runner as Run Tool; its failures come back as `isError` results carrying
 the same `message` and `code`, while an unknown tool is a JSON-RPC error (-32602), as the MCP
 specification (2025-06-18, "Tools", Error Handling) asks. The same Bearer JWT authenticates
-every HTTP request. Stateless, JSON responses: nothing is kept between requests, so any
+every HTTP request, and its JWT Permissions (server/permissions.py) hide the tools of an
+integration it may not use; `X-Paragon-Credential` picks the credential of a `tools/call`, as
+on Run Tool. Stateless, JSON responses: nothing is kept between requests, so any
 worker can answer any request.
 
 Before the SDK sees a POST, its body meets Run Tool's rules (server/bodies.py): JSON only, at
@@ -43,7 +45,9 @@ from server.errors import (
     MethodNotAllowed,
 )
 from server.logs import clip, log
+from server.permissions import Permissions
 from server.responses import error_response, jsonrpc_error_response
+from server.routes import selector_of
 from server.runner import Queued, Runner, unknown_tool
 from tools.base import JsonAnswer, as_json
 from tools.catalog import Entry, inline_refs
@@ -114,7 +118,10 @@ async def _call_tool(
         raise MCPError(types.INVALID_PARAMS, unknown.message, data=unknown.body())
     arguments = params.arguments or {}
     try:
-        answer = await runner.run(state.project_obj, state.user_id, name, arguments)
+        answer = await runner.run(
+            state.project_obj, state.user_id, name, arguments,
+            selector=state.selector, permissions=state.permissions,
+        )  # fmt: skip
     except FunnelgateError as exc:
         state.error_code = exc.code
         return _error_result(exc)
@@ -153,11 +160,21 @@ def session_manager() -> StreamableHTTPSessionManager:
     async def list_tools(
         ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
+        request = _request(ctx)
+        catalog = request.app.state.runner.catalog
         if not listing:
-            app_state = _request(ctx).app.state
-            openapi = orjson.loads(app_state.openapi_bytes)
-            listing.extend(describe_tools(app_state.runner.catalog, openapi))
-        return types.ListToolsResult(tools=listing)
+            openapi = orjson.loads(request.app.state.openapi_bytes)
+            listing.extend(describe_tools(catalog, openapi))
+        permissions: Permissions = request.state.permissions
+        if not permissions.restricted:
+            return types.ListToolsResult(tools=listing)
+        return types.ListToolsResult(
+            tools=[
+                tool
+                for tool in listing
+                if permissions.may_use_integration(catalog[tool.name].tool.integration.name)
+            ]
+        )
 
     server = Server(
         "funnelgate",
@@ -224,13 +241,16 @@ class McpEndpoint:
 
         request = Request(scope, recording)
         try:
-            project, user_id = authenticate(request)
+            project, user_id, permissions = authenticate(request)
+            selector = selector_of(request)
         except FunnelgateError as exc:
             request.state.error_code = exc.code
             await error_response(exc)(scope, receive, send)
             return
         request.state.project_obj = project
         request.state.user_id = user_id
+        request.state.permissions = permissions
+        request.state.selector = selector
         try:
             _check_message(await read_json_body(request))
         except FunnelgateError as exc:

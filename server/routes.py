@@ -18,6 +18,7 @@ from server.responses import json_response
 from server.runner import Preferences, Queued, Runner, status_path
 from server.sandbox import SandboxGraph
 from server.storage import outbox
+from server.storage.credentials import MAX_SELECTOR
 from tools.base import JsonAnswer
 from tools.limits import MAX_ANY_STRING
 
@@ -25,9 +26,10 @@ MAX_WAIT_SECONDS = 3600  # a `Prefer: wait` beyond this is read as this
 
 
 async def _run(request: Request, name_key: str) -> Response:
-    project, user_id = authenticate(request)
-    prefer, keys = _headers_of_note(request.scope["headers"])
+    project, user_id, permissions = authenticate(request)
+    prefer, keys, selectors = _headers_of_note(request.scope["headers"])
     key = parse_key(keys)
+    selector = _selector(selectors)
     body = await read_json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="INVALID_REQUEST")
@@ -45,7 +47,11 @@ async def _run(request: Request, name_key: str) -> Response:
         new_id = None
         if key is not None:
             new_id = derived_ids(project.id, user_id, key, fingerprint(tool_name, parameters))
-        return json_response(runner.dry_run(project, user_id, tool_name, parameters, new_id=new_id))
+        shown = runner.dry_run(
+            project, user_id, tool_name, parameters,
+            new_id=new_id, selector=selector, permissions=permissions,
+        )  # fmt: skip
+        return json_response(shown)
     sent = parameters  # the request's identity: as sent, before the Accept-driven default
     preferences = _preferences(prefer)
     if (
@@ -61,8 +67,9 @@ async def _run(request: Request, name_key: str) -> Response:
 
     async def call(new_id: Callable[[], str] | None) -> Response:
         answer = await runner.run(
-            project, user_id, tool_name, parameters, prefer=preferences, new_id=new_id
-        )
+            project, user_id, tool_name, parameters,
+            prefer=preferences, new_id=new_id, selector=selector, permissions=permissions,
+        )  # fmt: skip
         if isinstance(answer, Queued):
             return _accepted(project.id, answer, preferences)
         applied = _applied(preferences, queued=False)
@@ -87,17 +94,43 @@ def _accepted(project_id: str, queued: Queued, prefer: Preferences) -> Response:
     return json_response(queued.body(project_id), status=202, headers=headers)
 
 
-def _headers_of_note(headers: list[tuple[bytes, bytes]]) -> tuple[list[str], list[str]]:
-    """`Prefer` and `Idempotency-Key` field lines, in one pass over the raw headers (this
-    runs on every call; starlette's getlist would scan them once per name)."""
+def _headers_of_note(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[list[str], list[str], list[str]]:
+    """`Prefer`, `Idempotency-Key` and `X-Paragon-Credential` field lines, in one pass over
+    the raw headers (this runs on every call; starlette's getlist would scan them once per
+    name)."""
     prefer: list[str] = []
     keys: list[str] = []
+    selectors: list[str] = []
     for name, value in headers:
         if name == b"prefer":
             prefer.append(value.decode("latin-1"))
         elif name == b"idempotency-key":
             keys.append(value.decode("latin-1"))
-    return prefer, keys
+        elif name == b"x-paragon-credential":
+            selectors.append(value.decode("latin-1"))
+    return prefer, keys, selectors
+
+
+def _selector(values: list[str]) -> str | None:
+    """The credential `X-Paragon-Credential` names: a credential id, or `ext:` and an
+    external id (https://docs.useparagon.com/apis/api-reference/multi-account-authorization)."""
+    if not values:
+        return None
+    value = values[0].strip()
+    if len(values) > 1 or not value or len(value) > MAX_SELECTOR:
+        raise BadRequest(
+            f"X-Paragon-Credential must be one credential id or ext:<external id>, at most "
+            f"{MAX_SELECTOR} characters.",
+            code="INVALID_REQUEST",
+        )
+    return value
+
+
+def selector_of(request: Request) -> str | None:
+    """The credential the request names (List Tools, MCP)."""
+    return _selector(request.headers.getlist("x-paragon-credential"))
 
 
 def _preferences(values: list[str]) -> Preferences:
@@ -129,7 +162,7 @@ def _applied(prefer: Preferences, *, queued: bool) -> dict[str, str] | None:
 
 async def event_status(request: Request) -> Response:
     """GET /projects/{id}/events/{event_id}: a queued event's state, for its own user only."""
-    project, user_id = authenticate(request)
+    project, user_id, _ = authenticate(request)
     event_id = request.path_params["event_id"]
     found = None
     if len(event_id) <= MAX_ANY_STRING:  # no longer id was ever accepted (tools/limits.py)
@@ -138,7 +171,8 @@ async def event_status(request: Request) -> Response:
         )
     if found is None:
         raise NotFound("No queued event with this event_id for this user.", code="NOT_FOUND")
-    return json_response(found.public())
+    runner: Runner = request.app.state.runner
+    return json_response(found.public(runner.credential_status(project.id, found.credential_id)))
 
 
 def _prefers_markdown(accept: str) -> bool:
@@ -188,7 +222,8 @@ def _csv(request: Request, name: str) -> set[str]:
 
 
 async def _list(request: Request, keys: tuple[str, ...]) -> Response:
-    project, user_id = authenticate(request)
+    project, user_id, permissions = authenticate(request)
+    selector = selector_of(request)
     fmt = request.query_params.get("format", "json_schema")
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of: {', '.join(FORMATS)}.", code="INVALID_REQUEST")
@@ -196,15 +231,23 @@ async def _list(request: Request, keys: tuple[str, ...]) -> Response:
     integrations, categories = _csv(request, "integrations"), _csv(request, "categories")
     runner: Runner = request.app.state.runner
     grouped: dict[str, list[dict[str, Any]]] = {}
-    if not _flag(request, "limit_to_available", default=True) or runner.has_credential(
-        project, user_id
-    ):
-        for entry in runner.catalog.values():
-            integration = entry.tool.integration
-            if integrations and integration.name not in integrations:
-                continue
-            if categories and not categories & set(integration.categories):
-                continue
+    limit = _flag(request, "limit_to_available", default=True)
+    shown: dict[str, bool] = {}  # per integration: what the token may use (and has, with limit)
+    for entry in runner.catalog.values():
+        integration = entry.tool.integration
+        if integrations and integration.name not in integrations:
+            continue
+        if categories and not categories & set(integration.categories):
+            continue
+        if integration.name not in shown:
+            shown[integration.name] = (
+                runner.available(
+                    project, user_id, integration.name, selector=selector, permissions=permissions
+                )
+                if limit
+                else permissions.may_use_integration(integration.name)
+            )
+        if shown[integration.name]:
             grouped.setdefault(integration.name, []).append(describe(entry))
     return json_response({**{key: grouped for key in keys}, "errors": []})
 

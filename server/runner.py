@@ -1,6 +1,10 @@
 """Run Tool: validate, map, resolve the credential, then deliver now or queue. HTTP-free, so
 every entry point (the ActionKit routes, MCP) shares one path.
 
+The credential is the one the caller names (ActionKit's `X-Paragon-Credential`: an id, or
+`ext:` and an external id), else the user's default one, else the project's token, and the
+token's JWT Permissions must grant it (permissions.py).
+
 Sync mode waits for Meta's answer within the call's budget; when Meta is unavailable, slow or
 throttling, the events are queued instead and the call answers `Queued` (a 202 over HTTP).
 Queued mode answers `Queued` as soon as the events are on disk. Either way a queued event is
@@ -23,15 +27,19 @@ import orjson
 from server.config import Config, Project
 from server.delivery.graph import Delivery, Sender, request_body
 from server.errors import (
+    CredentialNotFound,
+    Forbidden,
     IntegrationNotEnabled,
     InvalidParameters,
     NotFound,
     QueueFull,
+    UpstreamAuth,
     UpstreamUnavailable,
 )
 from server.logs import clip, log
-from server.storage import outbox
-from server.storage.credentials import CredentialStore
+from server.permissions import UNRESTRICTED, Permissions
+from server.storage import credentials, outbox
+from server.storage.credentials import Credential, CredentialStore
 from server.storage.outbox import NewEvent, Outbox
 from server.validation import ParameterValidator
 from tools.base import Answer, BuildContext, EventBatch, InvalidEvent, Violation
@@ -83,6 +91,28 @@ class Queued:
         return {**body, **_warnings(self.warnings)}
 
 
+@dataclass(frozen=True, slots=True)
+class Account:
+    """The credential a call goes with: one of the user's, or the project's token (None)."""
+
+    credential: Credential | None
+    source: str  # "header", "default" or "project"
+
+    @property
+    def credential_id(self) -> str | None:
+        return None if self.credential is None else self.credential.id
+
+    def public(self) -> dict[str, Any]:
+        """What the dry run shows: which credential, never its token."""
+        found = self.credential
+        return {
+            "id": None if found is None else found.id,
+            "label": None if found is None else found.label,
+            "source": self.source,
+            "status": "valid" if found is None else found.status,
+        }
+
+
 def status_path(project_id: str, event_id: str) -> str:
     return f"/projects/{quote(project_id, safe='')}/events/{quote(event_id, safe='')}"
 
@@ -115,14 +145,72 @@ class Runner:
         self._new_id = new_id
         self._settling: set[asyncio.Task[Any]] = set()
 
-    def has_credential(self, project: Project, user_id: str) -> bool:
-        return bool(project.facebook_access_token) or self._credentials.has(project.id, user_id)
+    def account(
+        self,
+        project: Project,
+        user_id: str,
+        integration: str,
+        *,
+        selector: str | None = None,
+        permissions: Permissions = UNRESTRICTED,
+    ) -> Account | None:
+        """The credential a call of this user goes with (None: there is none); raises
+        CredentialNotFound for a selector that names none of the user's, Forbidden when the
+        token may not use it."""
+        _permit(permissions, integration)
+        found = self._credentials.find(project.id, user_id, selector)
+        if selector is not None and found is None:
+            raise CredentialNotFound
+        if found is None and not project.facebook_access_token:
+            return None
+        if not permissions.may_use_credential(integration, None if found is None else found.id):
+            raise Forbidden(
+                "This user token's permissions do not grant this credential"
+                + ("." if selector else "; name a granted one with X-Paragon-Credential."),
+                code="CREDENTIAL_FORBIDDEN",
+            )
+        source = "header" if selector else "default" if found else "project"
+        return Account(found, source)
 
-    def access_token(self, project: Project, user_id: str) -> str:
-        token = self._credentials.token_for(project, user_id)
-        if token is None:
-            raise IntegrationNotEnabled
-        return token
+    def available(
+        self,
+        project: Project,
+        user_id: str,
+        integration: str,
+        *,
+        selector: str | None = None,
+        permissions: Permissions = UNRESTRICTED,
+    ) -> bool:
+        """Whether List Tools' `limit_to_available` shows the integration: a permitted
+        credential that Meta has not refused."""
+        try:
+            account = self.account(
+                project, user_id, integration, selector=selector, permissions=permissions
+            )
+        except Forbidden:
+            return False
+        return account is not None and (
+            account.credential is None or account.credential.status == "valid"
+        )
+
+    def credential_status(self, project_id: str, credential_id: str | None) -> str | None:
+        """valid, invalid or removed; None for the project's token."""
+        if credential_id is None:
+            return None
+        found = self._credentials.by_id(project_id, credential_id)
+        return "removed" if found is None else found.status
+
+    def _token(self, project: Project, account: Account) -> str:
+        if account.credential is None:
+            assert project.facebook_access_token is not None
+            return project.facebook_access_token
+        return self._credentials.open(project.id, account.credential)
+
+    def _entry(self, tool_name: str) -> Entry:
+        entry = self.catalog.get(tool_name)
+        if entry is None:
+            raise unknown_tool(tool_name)
+        return entry
 
     def prepare(
         self,
@@ -134,9 +222,7 @@ class Runner:
     ) -> EventBatch:
         """Validated, mapped, hashed events for one call; no I/O. `new_id` makes the ids of
         events the caller gave none (an Idempotency-Key makes them repeatable)."""
-        entry = self.catalog.get(tool_name)
-        if entry is None:
-            raise unknown_tool(tool_name)
+        entry = self._entry(tool_name)
         self._validators[tool_name].check(parameters)
         ctx = BuildContext(
             now=self._clock(),
@@ -158,20 +244,27 @@ class Runner:
         *,
         prefer: Preferences = Preferences(),
         new_id: Callable[[], str] | None = None,
+        selector: str | None = None,
+        permissions: Permissions = UNRESTRICTED,
     ) -> Answer | Queued:
         """The tool's answer from Meta's (by default Meta's JSON, unwrapped), or `Queued`.
-        Nothing is sent or queued unless every check passed."""
+        Nothing is sent or queued unless every check passed. `selector` names the user's
+        credential (X-Paragon-Credential); `permissions` are the token's."""
+        integration = self._entry(tool_name).tool.integration.name
+        _permit(permissions, integration)  # before any work on the input
         batch = self.prepare(project, tool_name, parameters, new_id=new_id)
+        account = self.account(
+            project, user_id, integration, selector=selector, permissions=permissions
+        )
+        if account is None:
+            raise IntegrationNotEnabled
         if prefer.respond_async or self._config.delivery_mode(project) == "queued":
-            if not self.has_credential(project, user_id):  # the token is read when sending
-                raise IntegrationNotEnabled
-            await self._enqueue(project.id, user_id, batch)
+            # The token is opened when sending: its credential is what the row keeps.
+            await self._enqueue(project.id, user_id, account.credential_id, batch)
             reason = "requested" if prefer.respond_async else "queued_mode"
             return Queued(batch.event_ids, reason, batch.warnings)
         try:
-            delivery = Delivery(
-                batch, self.access_token(project, user_id), project.facebook_app_secret
-            )
+            delivery = Delivery(batch, self._token(project, account), project.facebook_app_secret)
         except orjson.JSONEncodeError:
             raise _not_json() from None
         budget = self._config.delivery.sync_budget_seconds
@@ -184,22 +277,40 @@ class Runner:
             sent.add_done_callback(_observed)
             raise
         if not done:
-            return await self._hand_over(project.id, user_id, batch, sent)
+            return await self._hand_over(project.id, user_id, account.credential_id, batch, sent)
         try:
             answer = sent.result()
         except UpstreamUnavailable as exc:
             error = {"code": exc.code, "message": exc.message, "upstream": exc.upstream}
             attempts = int(exc.upstream.get("attempts", 0))
-            await self._enqueue(project.id, user_id, batch, attempts=attempts, error=error)
+            await self._enqueue(
+                project.id, user_id, account.credential_id, batch, attempts=attempts, error=error
+            )
             return Queued(batch.event_ids, "meta_unavailable", batch.warnings, error)
+        except UpstreamAuth as exc:
+            if account.credential_id is not None:
+                await self._invalidate(project.id, account.credential_id, exc)
+            raise
         return self.catalog[tool_name].tool.present(
             {**answer, **_warnings(batch.warnings)}, parameters
         )
+
+    async def _invalidate(self, project_id: str, credential_id: str, exc: UpstreamAuth) -> None:
+        """Meta refused the credential's token: it shows as invalid until it is set again."""
+        error = {"code": exc.code, "message": exc.message, "upstream": exc.upstream}
+        try:
+            await self._queue.write(
+                lambda db: credentials.mark_invalid(db, project_id, credential_id, error)
+            )
+        except Exception as failure:  # the caller still gets Meta's refusal
+            log("credential_status_failed", logging.ERROR, project=project_id,
+                error=type(failure).__name__)  # fmt: skip
 
     async def _enqueue(
         self,
         project_id: str,
         user_id: str,
+        credential_id: str | None,
         batch: EventBatch,
         *,
         next_at: float | None = None,
@@ -213,7 +324,13 @@ class Runner:
         try:
             events = [
                 NewEvent(
-                    project_id, user_id, batch.pixel_id, batch.test_event_code, e, orjson.dumps(e)
+                    project_id,
+                    user_id,
+                    credential_id,
+                    batch.pixel_id,
+                    batch.test_event_code,
+                    e,
+                    orjson.dumps(e),
                 )
                 for e in batch.events
             ]
@@ -227,6 +344,7 @@ class Runner:
         self,
         project_id: str,
         user_id: str,
+        credential_id: str | None,
         batch: EventBatch,
         sent: asyncio.Future[dict[str, Any]],
     ) -> Queued:
@@ -234,7 +352,9 @@ class Runner:
         that outlasts the send, and settle them by its outcome (not a second request)."""
         lease = self._sender.attempt_timeout() + _LEASE_MARGIN_SECONDS
         try:
-            seqs = await self._enqueue(project_id, user_id, batch, next_at=self._clock() + lease)
+            seqs = await self._enqueue(
+                project_id, user_id, credential_id, batch, next_at=self._clock() + lease
+            )
         except BaseException:
             sent.add_done_callback(_observed)
             raise
@@ -282,12 +402,21 @@ class Runner:
         parameters: Any,
         *,
         new_id: Callable[[], str] | None = None,
+        selector: str | None = None,
+        permissions: Permissions = UNRESTRICTED,
     ) -> dict[str, Any]:
-        """The exact Graph request the call would make, less credentials; sends nothing."""
+        """The exact Graph request the call would make, less credentials, and which
+        credential it would go with; sends nothing."""
+        integration = self._entry(tool_name).tool.integration.name
+        _permit(permissions, integration)  # before any work on the input
         batch = self.prepare(project, tool_name, parameters, new_id=new_id)
+        account = self.account(
+            project, user_id, integration, selector=selector, permissions=permissions
+        )
         return {
             "dry_run": True,
-            "integration_enabled": self.has_credential(project, user_id),
+            "integration_enabled": account is not None,
+            "credential": None if account is None else account.public(),
             "request": {
                 "method": "POST",
                 "url": self._graph_url(batch.pixel_id),
@@ -297,6 +426,14 @@ class Runner:
             "delivery_mode": self._config.delivery_mode(project),
             **_warnings(batch.warnings),
         }
+
+
+def _permit(permissions: Permissions, integration: str) -> None:
+    if not permissions.may_use_integration(integration):
+        raise Forbidden(
+            f"This user token's permissions do not grant the {integration} integration.",
+            code="INTEGRATION_FORBIDDEN",
+        )
 
 
 def _warnings(warnings: list[Violation]) -> dict[str, Any]:

@@ -116,6 +116,7 @@ def test_credentials_set_list_remove_never_print_the_token(project_dir: Path):
     listed = funnelgate("credentials", "list", "--config", config)
     assert listed.returncode == 0
     assert [line.split("\t")[:2] for line in listed.stdout.splitlines()] == [
+        ["PROJECT", "USER"],
         ["p1", "u1"],
         ["p1", "u2"],
     ]
@@ -133,7 +134,7 @@ def test_credentials_set_list_remove_never_print_the_token(project_dir: Path):
         == 1
     )
     listed = funnelgate("credentials", "list", "--config", config, "--project", "p1")
-    assert [line.split("\t")[1] for line in listed.stdout.splitlines()] == ["u2"]
+    assert [line.split("\t")[1] for line in listed.stdout.splitlines()] == ["USER", "u2"]
     unknown = funnelgate("credentials", "list", "--config", config, "--project", "nope")
     assert unknown.returncode == 2 and "not in the config" in unknown.stderr
 

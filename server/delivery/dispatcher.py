@@ -1,14 +1,15 @@
 """The dispatcher: delivers what the outbox holds, inside `funnelgate serve`.
 
-It claims due events under a lease (outbox.py), resolves each one's credential at send time,
-groups them by project, pixel, credential, app secret and test code into Graph requests of up
-to 1,000 events, and settles each by Meta's verdict (policy.py):
+It claims due events under a lease (outbox.py), opens the token of the credential each one was
+accepted for at send time, groups them by project, pixel, credential, app secret and test code
+into Graph requests of up to 1,000 events, and settles each by Meta's verdict (policy.py):
 
 - delivered: done, with Meta's fbtrace_id;
 - refused whole (400; one bad event fails the request): bisected until each bad event stands
   alone, so the good ones are delivered and each bad one fails with Meta's own error;
-- credential refused (code 190 and friends): held, not failed, until `funnelgate credentials
-  set` replaces the token (or a restart, for a token from the config file);
+- credential refused (code 190 and friends): the credential is marked invalid and its events
+  held, not failed, until `funnelgate credentials set` replaces its token (or a restart, for
+  the project's token from the config file);
 - transient (5xx, timeouts, throttling): due again after a capped exponential backoff with
   jitter, and never sooner than its (token, pixel) breaker allows (throttle.py), until Meta's
   age limit for the event, then failed with EVENT_EXPIRED.
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -42,7 +44,7 @@ from server.delivery.graph import (
 from server.delivery.policy import Verdict
 from server.delivery.timeouts import AttemptTimeouts
 from server.logs import log
-from server.storage import idempotency, outbox
+from server.storage import credentials, idempotency, outbox
 from server.storage.credentials import CredentialStore
 from server.storage.outbox import Claimed, Outbox
 from server.storage.writer import PRUNE_BATCH
@@ -63,8 +65,10 @@ RECOUNT_EVERY_SECONDS = 60.0
 
 _EXPIRED = "The event became older than Meta accepts (7 days; 62 for physical_store) first."
 _NO_CREDENTIAL = "Integration not enabled for user."  # ActionKit's words (server/errors.py)
-# (project, pixel, access token, app secret, test event code): one request's worth.
-GroupKey = tuple[str, str, str, str | None, str | None]
+CREDENTIAL_REMOVED = {"code": "INTEGRATION_NOT_ENABLED", "message": "The credential was removed."}
+# (project, pixel, credential id, access token, app secret, test event code): one request's
+# worth. The credential id is None for the project's token.
+GroupKey = tuple[str, str, str | None, str, str | None, str | None]
 
 
 def retry_delay(attempts: int, rand: Callable[[], float] = random.random) -> float:
@@ -85,7 +89,7 @@ class Dispatcher:
         self,
         queue: Outbox,
         graph: GraphClient,
-        credentials: CredentialStore,
+        store: CredentialStore,
         config: Config,
         *,
         clock: Callable[[], float] = time.time,
@@ -93,7 +97,7 @@ class Dispatcher:
     ) -> None:
         self._queue = queue
         self._graph = graph
-        self._credentials = credentials
+        self._credentials = store
         self._config = config
         self._clock = clock
         self._rand = rand
@@ -167,8 +171,10 @@ class Dispatcher:
     async def _run(self) -> None:
         now = self._clock()
         try:
-            # A restart may bring a new project token: held events get another try.
-            resumed = await self._queue.write(lambda db: outbox.release_held(db, now=now))
+            # A restart may bring a new project token: its held events get another try.
+            resumed = await self._queue.write(
+                lambda db: outbox.release_held(db, now=now, project_token=True)
+            )
             if resumed:
                 log("held_events_resumed", events=resumed)
             await self._prune(now)
@@ -182,11 +188,19 @@ class Dispatcher:
                     last_prune = time.monotonic()
                 if time.monotonic() - last_count >= RECOUNT_EVERY_SECONDS:
                     await self._queue.recount()
+                    await self.write_uses()
                     last_count = time.monotonic()
                 await self._cycle()
             except Exception as exc:  # the disk or a bug: keep the loop, say so, slow down
                 log("dispatcher_error", logging.ERROR, error=type(exc).__name__)
                 await self._pause(POLL_SECONDS)
+
+    async def write_uses(self) -> None:
+        """The credentials' last uses since the previous write (one write a minute, not one
+        per call)."""
+        uses = self._credentials.taken_uses()
+        if uses:
+            await self._queue.write(lambda db: credentials.write_uses(db, uses))
 
     async def _cycle(self) -> None:
         while len(self._tasks) >= self._limit and not self._stopping:
@@ -221,10 +235,11 @@ class Dispatcher:
 
     async def _dispatch(self, rows: list[Claimed], now: float) -> None:
         groups: defaultdict[GroupKey, list[Claimed]] = defaultdict(list)
-        tokens: dict[tuple[str, str], str | None] = {}
+        tokens: dict[tuple[str, str | None], str | None] = {}
         expired: list[int] = []
         orphaned: list[int] = []
-        uncredentialed: list[int] = []
+        uncredentialed: list[int] = []  # for the project's token, which is gone
+        removed: list[int] = []  # for a credential that was removed
         for row in rows:
             project = self._config.projects.get(row.project_id)
             if row.expires_at <= now:
@@ -232,34 +247,31 @@ class Dispatcher:
             elif project is None:
                 orphaned.append(row.seq)
             else:
-                who = (row.project_id, row.user_id)
-                if who not in tokens:
-                    tokens[who] = self._token(project, row.user_id)
-                token = tokens[who]
+                which = (row.project_id, row.credential_id)
+                if which not in tokens:
+                    tokens[which] = self._token(project, row.credential_id)
+                token = tokens[which]
                 if token is None:
-                    uncredentialed.append(row.seq)
+                    (uncredentialed if row.credential_id is None else removed).append(row.seq)
                     continue
-                key = (row.project_id, row.pixel_id, token, project.facebook_app_secret,
-                       row.test_event_code)  # fmt: skip
+                key = (row.project_id, row.pixel_id, row.credential_id, token,
+                       project.facebook_app_secret, row.test_event_code)  # fmt: skip
                 groups[key].append(row)
         await self._fail(expired, now, "EVENT_EXPIRED", _EXPIRED)
         await self._fail(orphaned, now, "UNKNOWN_PROJECT", "Its project is no longer configured.")
         await self._fail(uncredentialed, now, "INTEGRATION_NOT_ENABLED", _NO_CREDENTIAL)
+        await self._fail(removed, now, CREDENTIAL_REMOVED["code"], CREDENTIAL_REMOVED["message"])
         for key, group in groups.items():
             for start in range(0, len(group), MAX_EVENTS_PER_REQUEST):
                 self._spawn(key, group[start : start + MAX_EVENTS_PER_REQUEST])
 
-    def _current_token(self, project_id: str, user_id: str) -> str | None:
-        project = self._config.projects.get(project_id)
-        return None if project is None else self._token(project, user_id)
-
-    def _token(self, project: Project, user_id: str) -> str | None:
+    def _token(self, project: Project, credential_id: str | None) -> str | None:
         try:
-            return self._credentials.token_for(project, user_id)
-        except Exception as exc:  # a key that no longer opens it: as if there were none
+            return self._credentials.token_of(project, credential_id)
+        except Exception as exc:  # a key that no longer opens it: as if it were gone
             log("credential_unreadable", logging.ERROR, project=project.id,
                 error=type(exc).__name__)  # fmt: skip
-            return project.facebook_access_token
+            return None
 
     async def _fail(
         self,
@@ -301,7 +313,7 @@ class Dispatcher:
             await self._deliver(key, rows)
 
     async def _deliver(self, key: GroupKey, rows: list[Claimed]) -> None:
-        project_id, pixel_id, token, app_secret, test_code = key
+        project_id, pixel_id, credential_id, token, app_secret, test_code = key
         breaker = (token, pixel_id)
         if not self._graph.breakers.allow(breaker):
             until = self._graph.breakers.open_until(breaker) or self._clock() + POLL_SECONDS
@@ -337,17 +349,21 @@ class Dispatcher:
             )
             self._queue.finished(done)
         elif result.verdict is Verdict.AUTH:
-            # A user whose token changed while this request was out is not held on the old
-            # token's refusal: those events go again at once, with the new one.
-            users = {(r.project_id, r.user_id) for r in rows}
-            renewed = {who for who in users if self._current_token(*who) != token}
-            again = [r for r in rows if (r.project_id, r.user_id) in renewed]
-            held = [r.seq for r in rows if (r.project_id, r.user_id) not in renewed]
-            if again:
-                await self._reschedule(again, lambda _row: now, attempted=True, error=None)
+            project = self._config.projects.get(project_id)
+            if project is not None and self._token(project, credential_id) != token:
+                # The token was replaced while this request was out: not held on the old
+                # token's refusal, the events go again at once with the new one.
+                await self._reschedule(rows, lambda _row: now, attempted=True, error=None)
+                return
             error = row_error(result)
-            await self._queue.write(lambda db: outbox.mark_held(db, held, now=now, error=error))
-            log("events_held", project=project_id, pixel=pixel_id, events=len(held))
+
+            def hold(db: sqlite3.Connection) -> None:
+                outbox.mark_held(db, seqs, now=now, error=error)
+                if credential_id is not None:
+                    credentials.mark_invalid(db, project_id, credential_id, error)
+
+            await self._queue.write(hold)
+            log("events_held", project=project_id, pixel=pixel_id, events=len(seqs))
         else:
             until = self._graph.breakers.open_until(breaker)
             await self._reschedule(

@@ -19,41 +19,86 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from server.config import Project, StorageSettings
 from server.errors import ConfigError
 from server.storage.crypto import NO_KEY_HINT, Keyring
+from server.storage.outbox import tie_to_credentials
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS credentials (
-    project_id   TEXT NOT NULL,
-    user_id      TEXT NOT NULL,
-    key_id       TEXT NOT NULL,     -- the secret key that sealed the token
-    sealed_token BLOB NOT NULL,     -- nonce || AES-256-GCM(token), bound to the row's ids
-    updated_at   INTEGER NOT NULL,
-    PRIMARY KEY (project_id, user_id)
+    project_id    TEXT NOT NULL,
+    credential_id TEXT NOT NULL,     -- a UUID: what X-Paragon-Credential names
+    user_id       TEXT NOT NULL,
+    external_id   TEXT,              -- the caller's own id for it: `ext:<id>`
+    label         TEXT,
+    is_default    INTEGER NOT NULL,  -- 1 for the credential a call without the header uses
+    status        TEXT NOT NULL,     -- valid | invalid (Meta refused the token)
+    status_error  BLOB,              -- JSON: Meta's refusal (code, subcode, message, fbtrace_id)
+    key_id        TEXT NOT NULL,     -- the secret key that sealed the token
+    sealed_token  BLOB NOT NULL,     -- nonce || AES-256-GCM(token), bound to project and user
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    last_used_at  INTEGER,
+    PRIMARY KEY (project_id, credential_id)
 );
 CREATE INDEX IF NOT EXISTS credentials_by_key ON credentials (key_id);
+CREATE INDEX IF NOT EXISTS credentials_by_user ON credentials (project_id, user_id);
+CREATE UNIQUE INDEX IF NOT EXISTS credentials_default ON credentials (project_id, user_id)
+    WHERE is_default;
+CREATE UNIQUE INDEX IF NOT EXISTS credentials_external ON credentials
+    (project_id, user_id, external_id) WHERE external_id IS NOT NULL;
 """
 _SUFFIXES = ("", "-wal", "-shm", "-journal")
 ROTATE_BATCH = 500  # rows per write transaction: the CLI never holds the write lock for long
+MAX_SELECTOR = 200  # characters of a credential id or `ext:<id>`
+EXTERNAL = "ext:"  # addresses a credential by its external id, as Paragon does
+_FIELDS = (
+    "project_id, credential_id, user_id, external_id, label, is_default, status, status_error, "
+    "key_id, sealed_token, created_at, updated_at, last_used_at"
+)
 
 
-@dataclass(frozen=True)
-class CredentialInfo:
-    """What `list` shows: never the token itself."""
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One connected Meta account of a user. The sealed token is here to be opened by the
+    store; nothing prints it (and it is ciphertext)."""
 
     project_id: str
+    id: str
     user_id: str
-    updated_at: int
+    external_id: str | None
+    label: str | None
+    default: bool
+    status: str  # valid | invalid
+    status_error: dict[str, Any] | None
     key_id: str
+    sealed_token: bytes = field(repr=False)
+    created_at: int = 0
+    updated_at: int = 0
+    last_used_at: int | None = None
+
+    @classmethod
+    def of_row(cls, row: Sequence[Any]) -> Credential:
+        project_id, id_, user_id, external_id, label, default, status, error, *rest = row
+        error = orjson.loads(error) if error else None
+        return cls(project_id, id_, user_id, external_id, label, bool(default), status, error,
+                   *rest)  # fmt: skip
+
+
+Credentials = list[Credential]  # aliases: the store's `list` and `set` shadow the builtins
+Columns = set[str]
+OlderRows = list[tuple[str, str, str, bytes, int]]
+Uses = list[tuple[int, str, str]]  # (last used at, project, credential id)
 
 
 def open_credentials(storage: StorageSettings, *, verify: bool = True) -> CredentialStore:
@@ -80,6 +125,7 @@ def open_credentials(storage: StorageSettings, *, verify: bool = True) -> Creden
 class CredentialStore:
     def __init__(self, path: Path, keyring: Keyring) -> None:
         self._keyring = keyring
+        self._used: dict[tuple[str, str], int] = {}  # last uses not yet written
         _create_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
@@ -94,48 +140,141 @@ class CredentialStore:
     def close(self) -> None:
         self._db.close()
 
+    def find(self, project_id: str, user_id: str, selector: str | None = None) -> Credential | None:
+        """The user's credential that `selector` names (its id, or `ext:` and its external
+        id), or the user's default one when there is no selector; never another user's."""
+        if selector is None:
+            where, arg = "is_default", None
+        elif selector.startswith(EXTERNAL):
+            where, arg = "external_id = ?3", selector[len(EXTERNAL) :]
+        else:
+            where, arg = "credential_id = ?3", selector
+        row = self._db.execute(
+            f"SELECT {_FIELDS} FROM credentials "  # noqa: S608 - literal fragments only
+            f"WHERE project_id = ?1 AND user_id = ?2 AND {where}",
+            (project_id, user_id) if arg is None else (project_id, user_id, arg),
+        ).fetchone()
+        return None if row is None else Credential.of_row(row)
+
+    def by_id(self, project_id: str, credential_id: str) -> Credential | None:
+        row = self._db.execute(
+            f"SELECT {_FIELDS} FROM credentials WHERE project_id = ? AND credential_id = ?",  # noqa: S608
+            (project_id, credential_id),
+        ).fetchone()
+        return None if row is None else Credential.of_row(row)
+
+    def open(self, project_id: str, credential: Credential) -> str:
+        """The credential's access token, and a use of it (written by `flush_uses`)."""
+        self._used[(project_id, credential.id)] = int(time.time())
+        context = _context(project_id, credential.user_id)
+        return self._keyring.open(credential.key_id, credential.sealed_token, context).decode()
+
     def get(self, project_id: str, user_id: str) -> str | None:
-        row = self._db.execute(
-            "SELECT key_id, sealed_token FROM credentials WHERE project_id = ? AND user_id = ?",
-            (project_id, user_id),
-        ).fetchone()
-        if row is None:
-            return None
-        return self._keyring.open(row[0], row[1], _context(project_id, user_id)).decode()
+        """The token of the user's default credential."""
+        found = self.find(project_id, user_id)
+        return None if found is None else self.open(project_id, found)
 
-    def token_for(self, project: Project, user_id: str) -> str | None:
-        """The token the user's events go with: its own credential wins over the project's."""
-        return self.get(project.id, user_id) or project.facebook_access_token
+    def token_of(self, project: Project, credential_id: str | None) -> str | None:
+        """The token events accepted for `credential_id` go with now (None: the project's);
+        None when that credential is gone."""
+        if credential_id is None:
+            return project.facebook_access_token
+        found = self.by_id(project.id, credential_id)
+        return None if found is None else self.open(project.id, found)
 
-    def has(self, project_id: str, user_id: str) -> bool:
-        """Whether the user has a credential; opens nothing."""
-        row = self._db.execute(
-            "SELECT 1 FROM credentials WHERE project_id = ? AND user_id = ?", (project_id, user_id)
-        ).fetchone()
-        return row is not None
-
-    def set(self, project_id: str, user_id: str, access_token: str) -> None:
+    def set(
+        self,
+        project_id: str,
+        user_id: str,
+        access_token: str,
+        *,
+        credential_id: str | None = None,
+        external_id: str | None = None,
+        label: str | None = None,
+        make_default: bool = False,
+    ) -> tuple[Credential, bool]:
+        """Stores a token under the credential `credential_id` or `external_id` names (a new
+        one when neither names one of the user's); a replaced token is `valid` again. The
+        user's first credential is its default. Returns the credential and whether it is new."""
         key, sealed = self._keyring.seal(access_token.encode(), _context(project_id, user_id))
-        self._db.execute(
-            "INSERT INTO credentials VALUES (?, ?, ?, ?, ?) ON CONFLICT (project_id, user_id) "
-            "DO UPDATE SET key_id = excluded.key_id, sealed_token = excluded.sealed_token, "
-            "updated_at = excluded.updated_at",
-            (project_id, user_id, key, sealed, int(time.time())),
-        )
+        now = int(time.time())
+        with self._transaction():
+            existing = None
+            if credential_id is not None:
+                existing = self.by_id(project_id, credential_id)
+                if existing is not None and existing.user_id != user_id:
+                    raise ConfigError(f"credential {credential_id} belongs to another user")
+            elif external_id is not None:
+                existing = self.find(project_id, user_id, EXTERNAL + external_id)
+            if existing is None:
+                credential_id = credential_id or str(uuid.uuid4())
+                first = self.find(project_id, user_id) is None
+                self._db.execute(
+                    f"INSERT INTO credentials ({_FIELDS}) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, 0, 'valid', NULL, ?, ?, ?, ?, NULL)",
+                    (project_id, credential_id, user_id, external_id, label, key, sealed, now, now),
+                )
+                make_default = make_default or first
+            else:
+                credential_id = existing.id
+                self._db.execute(
+                    "UPDATE credentials SET key_id = ?, sealed_token = ?, updated_at = ?, "
+                    "status = 'valid', status_error = NULL, "
+                    "external_id = coalesce(?, external_id), label = coalesce(?, label) "
+                    "WHERE project_id = ? AND credential_id = ?",
+                    (key, sealed, now, external_id, label, project_id, credential_id),
+                )
+            if make_default:
+                self._make_default(project_id, user_id, credential_id)
+            stored = self.by_id(project_id, credential_id)
+        assert stored is not None
+        return stored, existing is None
 
-    def remove(self, project_id: str, user_id: str) -> bool:
-        cursor = self._db.execute(
-            "DELETE FROM credentials WHERE project_id = ? AND user_id = ?", (project_id, user_id)
-        )
-        return cursor.rowcount > 0
+    def remove(self, project_id: str, credential_id: str) -> Credential | None:
+        """Deletes one credential; when it was its user's default, the user's most recently
+        updated other credential becomes the default."""
+        with self._transaction():
+            found = self.by_id(project_id, credential_id)
+            if found is None:
+                return None
+            self._db.execute(
+                "DELETE FROM credentials WHERE project_id = ? AND credential_id = ?",
+                (project_id, credential_id),
+            )
+            if found.default:
+                heir = self._db.execute(
+                    "SELECT credential_id FROM credentials WHERE project_id = ? AND user_id = ? "
+                    "ORDER BY updated_at DESC, credential_id LIMIT 1",
+                    (project_id, found.user_id),
+                ).fetchone()
+                if heir is not None:
+                    self._make_default(project_id, found.user_id, heir[0])
+        return found
 
-    def list(self, project_id: str | None = None) -> list[CredentialInfo]:
+    def list(self, project_id: str | None = None, user_id: str | None = None) -> Credentials:
         rows = self._db.execute(
-            "SELECT project_id, user_id, updated_at, key_id FROM credentials "
-            "WHERE ?1 IS NULL OR project_id = ?1 ORDER BY project_id, user_id",
-            (project_id,),
+            f"SELECT {_FIELDS} FROM credentials "  # noqa: S608
+            "WHERE (?1 IS NULL OR project_id = ?1) AND (?2 IS NULL OR user_id = ?2) "
+            "ORDER BY project_id, user_id, created_at, credential_id",
+            (project_id, user_id),
         ).fetchall()
-        return [CredentialInfo(*row) for row in rows]
+        return [Credential.of_row(row) for row in rows]
+
+    def taken_uses(self) -> Uses:
+        """The last uses recorded since the previous call, as `write_uses` rows."""
+        used, self._used = self._used, {}
+        return [(at, project_id, credential_id) for (project_id, credential_id), at in used.items()]
+
+    def _make_default(self, project_id: str, user_id: str, credential_id: str) -> None:
+        self._db.execute(
+            "UPDATE credentials SET is_default = 0 WHERE project_id = ? AND user_id = ? "
+            "AND is_default",
+            (project_id, user_id),
+        )
+        self._db.execute(
+            "UPDATE credentials SET is_default = 1 WHERE project_id = ? AND credential_id = ?",
+            (project_id, credential_id),
+        )
 
     def key_ids(self) -> dict[str, int]:
         """How many stored tokens each key sealed."""
@@ -165,19 +304,19 @@ class CredentialStore:
         while True:
             with self._transaction():
                 rows = self._db.execute(
-                    "SELECT project_id, user_id, key_id, sealed_token FROM credentials "
-                    "WHERE key_id != ? LIMIT ?",
+                    "SELECT project_id, credential_id, user_id, key_id, sealed_token "
+                    "FROM credentials WHERE key_id != ? LIMIT ?",
                     (current, ROTATE_BATCH),
                 ).fetchall()
-                for project_id, user_id, key, sealed in rows:
+                for project_id, credential_id, user_id, key, sealed in rows:
                     context = _context(project_id, user_id)
                     new_key, resealed = self._keyring.seal(
                         self._keyring.open(key, sealed, context), context
                     )
                     self._db.execute(
                         "UPDATE credentials SET key_id = ?, sealed_token = ? "
-                        "WHERE project_id = ? AND user_id = ?",
-                        (new_key, resealed, project_id, user_id),
+                        "WHERE project_id = ? AND credential_id = ?",
+                        (new_key, resealed, project_id, credential_id),
                     )
             done += len(rows)
             if len(rows) < ROTATE_BATCH:
@@ -194,33 +333,58 @@ class CredentialStore:
         self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
+        """Brings the file to SCHEMA_VERSION. Version 0 is funnelgate 0.1's plain-text tokens
+        (sealed here), version 1 one sealed token per user (each becomes the user's default
+        credential, under a new id, and the user's queued events are tied to it)."""
         if self._schema_version() == SCHEMA_VERSION:
             return
         with self._transaction():  # another process may be migrating too: look again, locked
             if self._schema_version() == SCHEMA_VERSION:
                 return
-            plaintext = self._plaintext_rows()
-            if plaintext and self._keyring.current_id is None:
-                raise ConfigError(
-                    f"the database holds {len(plaintext)} access token(s) in plain text, "
-                    f"written by funnelgate 0.1: {NO_KEY_HINT}, then start again to encrypt them"
-                )
-            if plaintext is not None:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(credentials)")}
+            plaintext = "access_token" in columns
+            rows = self._older_rows(columns)
+            if columns:
                 self._db.execute("DROP TABLE credentials")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
-            for project_id, user_id, token, updated_at in plaintext or []:
-                key, sealed = self._keyring.seal(token.encode(), _context(project_id, user_id))
-                self._db.execute(
-                    "INSERT INTO credentials VALUES (?, ?, ?, ?, ?)",
-                    (project_id, user_id, key, sealed, updated_at),
-                )
+            self._db.executemany(
+                f"INSERT INTO credentials ({_FIELDS}) "  # noqa: S608
+                "VALUES (?, ?, ?, NULL, NULL, 1, 'valid', NULL, ?, ?, ?, ?, NULL)",
+                [
+                    (project_id, str(uuid.uuid4()), user_id, key, sealed, updated, updated)
+                    for project_id, user_id, key, sealed, updated in rows
+                ],
+            )
+            tie_to_credentials(self._db)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        if plaintext:
+        if plaintext and rows:
             # Rebuild the file and empty the WAL: no page keeps a plain-text token.
             self._db.execute("VACUUM")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _older_rows(self, columns: Columns) -> OlderRows:
+        """The rows of a version 0 or 1 table as (project, user, key id, sealed, updated)."""
+        if "sealed_token" in columns:
+            return self._db.execute(
+                "SELECT project_id, user_id, key_id, sealed_token, updated_at FROM credentials"
+            ).fetchall()
+        if "access_token" not in columns:
+            return []
+        plaintext = self._db.execute(
+            "SELECT project_id, user_id, access_token, updated_at FROM credentials"
+        ).fetchall()
+        if plaintext and self._keyring.current_id is None:
+            raise ConfigError(
+                f"the database holds {len(plaintext)} access token(s) in plain text, "
+                f"written by funnelgate 0.1: {NO_KEY_HINT}, then start again to encrypt them"
+            )
+        sealed = []
+        for project_id, user_id, token, updated_at in plaintext:
+            key, box = self._keyring.seal(token.encode(), _context(project_id, user_id))
+            sealed.append((project_id, user_id, key, box, updated_at))
+        return sealed
 
     def _schema_version(self) -> int:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
@@ -231,14 +395,25 @@ class CredentialStore:
             )
         return version
 
-    def _plaintext_rows(self) -> Sequence[tuple[str, str, str, int]] | None:
-        """funnelgate 0.1's rows, or None when there is no 0.1 table."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(credentials)")}
-        if "access_token" not in columns:
-            return None
-        return self._db.execute(
-            "SELECT project_id, user_id, access_token, updated_at FROM credentials"
-        ).fetchall()
+
+def mark_invalid(
+    db: sqlite3.Connection, project_id: str, credential_id: str, error: dict[str, Any]
+) -> None:
+    """Meta refused the credential's token; `set` on it makes it valid again."""
+    db.execute(
+        "UPDATE credentials SET status = 'invalid', status_error = ? "
+        "WHERE project_id = ? AND credential_id = ?",
+        (orjson.dumps(error), project_id, credential_id),
+    )
+
+
+def write_uses(db: sqlite3.Connection, uses: Uses) -> None:
+    """`last_used_at` of the credentials `CredentialStore.taken_uses` names."""
+    db.executemany(
+        "UPDATE credentials SET last_used_at = max(coalesce(last_used_at, 0), ?) "
+        "WHERE project_id = ? AND credential_id = ?",
+        uses,
+    )
 
 
 def _context(project_id: str, user_id: str) -> bytes:

@@ -1,8 +1,9 @@
 """The outbox: every event funnelgate has accepted and not yet finished with, on disk.
 
 A row holds the event as Meta receives it (customer data already hashed by tools/), the
-project and user it belongs to, and its delivery state; never an access token (the dispatcher
-resolves credentials when it sends) and never a raw e-mail or phone.
+project and user it belongs to, the credential it was accepted for, and its delivery state;
+never an access token (the dispatcher opens the credential's token when it sends) and never a
+raw e-mail or phone.
 
 States: `queued` (due at `next_at`), `held` (Meta refused its credential; waits for
 `funnelgate credentials set`), `delivered` and `failed` (kept `[storage] retention_days`).
@@ -35,7 +36,7 @@ from server.storage import idempotency
 from server.storage.writer import PRUNE_BATCH, Writer, connect
 from tools.capi import MAX_AGE_SECONDS, MAX_AGE_SECONDS_PHYSICAL_STORE
 
-SCHEMA = """
+TABLE = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq             INTEGER PRIMARY KEY,
     project_id      TEXT NOT NULL,
@@ -52,24 +53,53 @@ CREATE TABLE IF NOT EXISTS outbox (
     updated_at      REAL NOT NULL,
     fbtrace_id      TEXT,
     error           BLOB,           -- JSON: {code, message, upstream}
-    event           BLOB NOT NULL   -- the event as Meta receives it, JSON
-);
+    event           BLOB NOT NULL,  -- the event as Meta receives it, JSON
+    credential_id   TEXT            -- the credential it was accepted for; NULL: the project's
+)
+"""
+INDEXES = """
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS outbox_event ON outbox (project_id, event_id);
-CREATE INDEX IF NOT EXISTS outbox_held ON outbox (project_id, user_id) WHERE status = 'held';
+CREATE INDEX IF NOT EXISTS outbox_held_credential ON outbox (project_id, credential_id)
+    WHERE status = 'held';
 CREATE INDEX IF NOT EXISTS outbox_done ON outbox (updated_at)
     WHERE status IN ('delivered', 'failed');
 """
 STATUSES = ("queued", "held", "delivered", "failed")
 PENDING = ("queued", "held")
 _COLUMNS = (
-    "seq, project_id, user_id, event_id, event_name, pixel_id, test_event_code, expires_at, "
-    "attempts, event"
+    "seq, project_id, user_id, credential_id, event_id, event_name, pixel_id, test_event_code, "
+    "expires_at, attempts, event"
 )
 
 
 def create_schema(db: sqlite3.Connection) -> None:
-    db.executescript(SCHEMA)
+    db.executescript(TABLE)
+    _add_credential_column(db)
+    db.executescript(INDEXES)
+
+
+def tie_to_credentials(db: sqlite3.Connection) -> None:
+    """Schema version 2 (credentials.py, in its migration's transaction): a pending event of
+    version 1 was for its user's only credential, which is now that user's default one."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone() is None:
+        return
+    if _add_credential_column(db):
+        db.execute(
+            "UPDATE outbox SET credential_id = (SELECT credential_id FROM credentials AS c "
+            "WHERE c.project_id = outbox.project_id AND c.user_id = outbox.user_id "
+            "AND c.is_default) WHERE status IN ('queued', 'held')"
+        )
+    db.execute("DROP INDEX IF EXISTS outbox_held")  # version 1's, by user
+
+
+def _add_credential_column(db: sqlite3.Connection) -> bool:
+    """Adds version 2's column to a version 1 table; whether it had to."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+    if "credential_id" in columns:
+        return False
+    db.execute("ALTER TABLE outbox ADD COLUMN credential_id TEXT")
+    return True
 
 
 def expires_at(event: dict[str, Any]) -> float:
@@ -86,6 +116,7 @@ class NewEvent(NamedTuple):
 
     project_id: str
     user_id: str
+    credential_id: str | None  # None: the project's token
     pixel_id: str
     test_event_code: str | None
     event: dict[str, Any]
@@ -98,6 +129,7 @@ class Claimed(NamedTuple):
     seq: int
     project_id: str
     user_id: str
+    credential_id: str | None
     event_id: str
     event_name: str
     pixel_id: str
@@ -120,9 +152,9 @@ def rows_of(
 ) -> list[Row]:
     error_json = orjson.dumps(error) if error else None
     return [
-        (e.project_id, e.user_id, str(e.event["event_id"]), str(e.event["event_name"]),
-         e.pixel_id, e.test_event_code, expires_at(e.event), attempts, next_at, now, now,
-         error_json, e.data)
+        (e.project_id, e.user_id, e.credential_id, str(e.event["event_id"]),
+         str(e.event["event_name"]), e.pixel_id, e.test_event_code, expires_at(e.event),
+         attempts, next_at, now, now, error_json, e.data)
         for e in events
     ]  # fmt: skip
 
@@ -131,9 +163,9 @@ def insert(db: sqlite3.Connection, rows: Sequence[Row]) -> range:
     """The new rows' seqs, in order: one statement, so they are consecutive (SQLite gives a
     new row the largest rowid plus one, and nothing else writes meanwhile)."""
     db.executemany(
-        "INSERT INTO outbox (project_id, user_id, event_id, event_name, pixel_id, "
-        "test_event_code, expires_at, status, attempts, next_at, created_at, updated_at, "
-        "error, event) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO outbox (project_id, user_id, credential_id, event_id, event_name, "
+        "pixel_id, test_event_code, expires_at, status, attempts, next_at, created_at, "
+        "updated_at, error, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
         rows,
     )
     last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
@@ -248,15 +280,19 @@ def release_held(
     *,
     now: float,
     project_id: str | None = None,
-    user_id: str | None = None,
+    credential_id: str | None = None,
+    project_token: bool = False,
     limit: int = -1,
 ) -> int:
-    """Held events (all, a project's, or one user's) due again now; at most `limit` of them
-    (-1: all), so a caller can commit in steps."""
+    """Held events (all, a project's, one credential's, or those for a project's token) due
+    again now; at most `limit` of them (-1: all), so a caller can commit in steps."""
+    where = _held_where(project_id, credential_id)
+    if project_token:
+        where += " AND credential_id IS NULL"
     return db.execute(
         "UPDATE outbox SET status = 'queued', next_at = ?, updated_at = ? WHERE seq IN "  # noqa: S608
-        f"(SELECT seq FROM outbox WHERE {_held_where(project_id, user_id)} LIMIT ?)",
-        (now, now, *_held_args(project_id, user_id), limit),
+        f"(SELECT seq FROM outbox WHERE {where} LIMIT ?)",
+        (now, now, *_held_args(project_id, credential_id), limit),
     ).rowcount
 
 
@@ -265,32 +301,33 @@ def fail_held(
     *,
     now: float,
     project_id: str,
-    user_id: str,
+    credential_id: str,
     error: dict[str, Any],
     limit: int = -1,
 ) -> int:
-    """One user's held events failed with `error`; at most `limit` of them (-1: all)."""
+    """One credential's held events failed with `error`; at most `limit` of them (-1: all)."""
     return db.execute(
         "UPDATE outbox SET status = 'failed', updated_at = ?, error = ? WHERE seq IN "  # noqa: S608
-        f"(SELECT seq FROM outbox WHERE {_held_where(project_id, user_id)} LIMIT ?)",
-        (now, orjson.dumps(error), project_id, user_id, limit),
+        f"(SELECT seq FROM outbox WHERE {_held_where(project_id, credential_id)} LIMIT ?)",
+        (now, orjson.dumps(error), project_id, credential_id, limit),
     ).rowcount
 
 
-def _held_where(project_id: str | None, user_id: str | None) -> str:
-    """Literal conditions, so one user's held rows come from the `outbox_held` index rather
-    than a scan (a `? IS NULL OR` condition keeps SQLite's planner off the index)."""
+def _held_where(project_id: str | None, credential_id: str | None) -> str:
+    """Literal conditions, so one credential's held rows come from the
+    `outbox_held_credential` index rather than a scan (a `? IS NULL OR` condition keeps
+    SQLite's planner off the index)."""
     if project_id is None:
         return "status = 'held'"
-    if user_id is None:
+    if credential_id is None:
         return "status = 'held' AND project_id = ?"
-    return "status = 'held' AND project_id = ? AND user_id = ?"
+    return "status = 'held' AND project_id = ? AND credential_id = ?"
 
 
-def _held_args(project_id: str | None, user_id: str | None) -> tuple[str, ...]:
+def _held_args(project_id: str | None, credential_id: str | None) -> tuple[str, ...]:
     if project_id is None:
         return ()
-    return (project_id,) if user_id is None else (project_id, user_id)
+    return (project_id,) if credential_id is None else (project_id, credential_id)
 
 
 def prune(db: sqlite3.Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
@@ -311,7 +348,7 @@ def _each(db: sqlite3.Connection, statement: str, rows: list[tuple[Any, ...]]) -
 
 _STATUS_COLUMNS = (
     "seq, project_id, user_id, event_id, event_name, pixel_id, status, attempts, next_at, "
-    "created_at, updated_at, fbtrace_id, error"
+    "created_at, updated_at, fbtrace_id, error, credential_id"
 )
 
 
@@ -330,11 +367,12 @@ class EventStatus:
     updated_at: float
     fbtrace_id: str | None
     error: bytes | None
+    credential_id: str | None
 
-    def public(self) -> dict[str, Any]:
+    def public(self, credential_status: str | None = None) -> dict[str, Any]:
         """What the status route and `events list --json` show: ids, state, Meta's answer;
         never the event's customer data. `held` shows as `queued` (it will be sent) with
-        `held: true`."""
+        `held: true`. `credential_status` is its credential's (valid, invalid or removed)."""
         body: dict[str, Any] = {
             "event_id": self.event_id,
             "event_name": self.event_name,
@@ -352,6 +390,10 @@ class EventStatus:
             body["fbtrace_id"] = self.fbtrace_id
         if self.error and self.status != "delivered":
             body["error"] = orjson.loads(self.error)
+        if self.credential_id is not None:
+            body["credential"] = {"id": self.credential_id}
+            if credential_status is not None:
+                body["credential"]["status"] = credential_status
         return body
 
 

@@ -1,0 +1,78 @@
+"""JWT Permissions: what a Paragon User Token may use, from its
+`urn:useparagon:connect:permissions` claim (https://docs.useparagon.com/apis/api-reference/jwt-permissions).
+
+The claim maps scopes to permissions. Scopes go from least to most specific, and "permissions
+designated at more specific scopes will override those inherited from less specific scopes".
+Without the claim a token may use everything of its user. Claims are evaluated per request and
+never stored.
+
+funnelgate applies the scopes that exist here: `integration:*`, `integration:<name>`,
+`credential:*` and `credential:<id>`. It has no configurations, so `configuration:*` and
+`configuration:ext:<id>` are ignored, as are other integrations' scopes and unknown keys. It
+never grants more than the token says: with a claim, what no scope grants is denied; only JSON
+`true` grants, and any other value at one of these scopes (`false`, an object of finer
+permissions funnelgate does not know, a string) denies; a claim that is not an object grants
+nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+CLAIM = "urn:useparagon:connect:permissions"
+MAX_SCOPES = 1000  # a claim's keys read at most: the token itself is capped at 8 KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """A token's permissions; `scopes` is None when it carries no claim (everything allowed)."""
+
+    scopes: Mapping[str, bool] | None = None
+
+    @classmethod
+    def of_claims(cls, claims: Mapping[str, Any]) -> Permissions:
+        if CLAIM not in claims:
+            return UNRESTRICTED
+        claim = claims[CLAIM]
+        if not isinstance(claim, dict):
+            return cls({})
+        return cls({str(k): v is True for k, v in list(claim.items())[:MAX_SCOPES]})
+
+    @property
+    def restricted(self) -> bool:
+        return self.scopes is not None
+
+    def _decide(self, integration: str, credential_id: str | None) -> bool | None:
+        assert self.scopes is not None
+        decision: bool | None = None
+        scopes = ["integration:*", f"integration:{integration}", "credential:*"]
+        if credential_id is not None:
+            scopes.append(f"credential:{credential_id}")
+        for scope in scopes:  # least specific first: the last one present wins
+            if scope in self.scopes:
+                decision = self.scopes[scope]
+        return decision
+
+    def may_use_integration(self, integration: str) -> bool:
+        """Whether any use of the integration is granted: at its own level, or through a
+        credential granted by id."""
+        if self.scopes is None:
+            return True
+        if self._decide(integration, None):
+            return True
+        return any(
+            granted and scope.startswith("credential:") and scope != "credential:*"
+            for scope, granted in self.scopes.items()
+        )
+
+    def may_use_credential(self, integration: str, credential_id: str | None) -> bool:
+        """Whether the token may send with this credential (None: the project's token, which
+        no `credential:<id>` scope names)."""
+        if self.scopes is None:
+            return True
+        return self._decide(integration, credential_id) is True
+
+
+UNRESTRICTED = Permissions()
