@@ -4,6 +4,7 @@ the test moves: grouping, bisection, holds, backoff, expiry, leases and shutdown
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,9 +41,16 @@ def event(n: int, **fields: Any) -> dict[str, Any]:
             "event_id": f"e{n}", "user_data": {"external_id": ["0" * 64]}, **fields}  # fmt: skip
 
 
-def new(n: int, *, pixel: str = PIXEL, test_code: str | None = None, **fields: Any) -> NewEvent:
+def new(
+    n: int,
+    *,
+    pixel: str = PIXEL,
+    test_code: str | None = None,
+    credential: str | None = None,
+    **fields: Any,
+) -> NewEvent:
     e = event(n, **fields)
-    return NewEvent(PROJECT, USER, pixel, test_code, e, orjson.dumps(e))
+    return NewEvent(PROJECT, USER, credential, pixel, test_code, e, orjson.dumps(e))
 
 
 class Harness:
@@ -141,7 +149,7 @@ def test_a_refused_credential_holds_its_events_until_released(harness):
         dispatcher.wake()
         held = await until(queue, lambda c: c["held"] == 3)
         await queue.write(lambda db: outbox.release_held(db, now=harness.clock(),
-                                                          project_id=PROJECT, user_id=USER))  # fmt: skip
+                                                          project_id=PROJECT))  # fmt: skip
         dispatcher.wake()
         return held, await until(queue, lambda c: c["delivered"] == 3)
 
@@ -241,25 +249,76 @@ def test_stop_releases_what_it_could_not_finish(harness):
     assert released.next_at <= harness.clock()  # due now, not at the end of its lease
 
 
+def test_a_refusal_of_a_user_credential_holds_its_events_and_marks_it_invalid(harness):
+    store = open_credentials(harness.config.storage)
+    (mine, _), (other, _) = (store.set(PROJECT, USER, f"EAAB-{n}") for n in ("mine", "other"))
+    harness.graph.script.append(graph_error(400, 190, error_subcode=460))
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await queue.enqueue([new(n, credential=mine.id) for n in range(2)])
+        dispatcher.wake()
+        await until(queue, lambda c: c["held"] == 2)
+        await queue.enqueue([new(9, credential=other.id)])  # another account goes on
+        dispatcher.wake()
+        return await until(queue, lambda c: c["delivered"] == 1)
+
+    counts = harness.run(body)
+    assert (counts["held"], counts["delivered"]) == (2, 1)
+    refused = store.by_id(PROJECT, mine.id)
+    assert refused is not None and refused.status == "invalid"
+    assert refused.status_error is not None
+    assert refused.status_error["upstream"]["error_subcode"] == 460
+    assert "EAAB" not in orjson.dumps(refused.status_error).decode()
+    assert store.by_id(PROJECT, other.id).status == "valid"  # type: ignore[union-attr]
+    assert [b["access_token"] for b in harness.graph.bodies()] == ["EAAB-mine", "EAAB-other"]
+    store.close()
+
+
 def test_a_refusal_of_a_token_replaced_meanwhile_holds_nothing(harness):
     """`credentials set` while a request with the old token is out: Meta's 190 for the old
     token does not hold the events; they go again with the new one."""
+    store = open_credentials(harness.config.storage)
+    credential, _ = store.set(PROJECT, USER, "EAAB-old-user-token")
     refusal = graph_error(400, 190)
     harness.graph.script.append(Step(refusal.status, error=refusal.error, delay=0.3))
 
     async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
-        await queue.enqueue([new(1)])
+        await queue.enqueue([new(1, credential=credential.id)])
         dispatcher.wake()
         await until(queue, lambda _: len(harness.graph.received) == 1)
-        store = open_credentials(harness.config.storage)  # as the CLI would, meanwhile
-        store.set(PROJECT, USER, "EAAB-new-user-token")
-        store.close()
+        # as the CLI would, meanwhile
+        store.set(PROJECT, USER, "EAAB-new-user-token", credential_id=credential.id)
         return await until(queue, lambda c: c["delivered"] == 1)
 
     counts = harness.run(body)
+    store.close()
     assert (counts["delivered"], counts["held"]) == (1, 0)
     first, second = harness.graph.bodies()
-    assert (first["access_token"], second["access_token"]) == (TOKEN, "EAAB-new-user-token")
+    assert (first["access_token"], second["access_token"]) == (
+        "EAAB-old-user-token",
+        "EAAB-new-user-token",
+    )
+
+
+def test_events_of_a_removed_credential_fail_and_others_go_on(harness):
+    store = open_credentials(harness.config.storage)
+    gone, _ = store.set(PROJECT, USER, "EAAB-gone")
+    store.remove(PROJECT, gone.id)
+    store.close()
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await queue.enqueue([new(1, credential=gone.id), new(2)])
+        dispatcher.wake()
+        return await until(queue, lambda c: c["failed"] == 1 and c["delivered"] == 1)
+
+    harness.run(body)
+    assert [b["access_token"] for b in harness.graph.bodies()] == [TOKEN]  # the project's
+    with sqlite3.connect(harness.path) as db:
+        error = db.execute("SELECT error FROM outbox WHERE event_id = 'e1'").fetchone()[0]
+    assert orjson.loads(error) == {
+        "code": "INTEGRATION_NOT_ENABLED",
+        "message": "The credential was removed.",
+    }
 
 
 def test_the_claims_of_a_long_send_are_renewed(harness, monkeypatch):

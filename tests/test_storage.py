@@ -7,6 +7,7 @@ import base64
 import os
 import sqlite3
 import stat
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,8 +17,9 @@ import pytest
 from server.config import StorageSettings
 from server.errors import ConfigError
 from server.storage import credentials as credentials_module
-from server.storage.credentials import open_credentials
+from server.storage.credentials import SCHEMA_VERSION, open_credentials
 from server.storage.crypto import (
+    Keyring,
     SecretKeyError,
     add_secret_key,
     key_id,
@@ -153,7 +155,7 @@ def test_start_up_refuses_a_missing_or_wrong_key_naming_the_key_id(db: Path):
     # list and remove need no key, so a lost key can still be cleaned up
     store = open_credentials(settings(db), verify=False)
     assert [i.user_id for i in store.list()] == ["u1"]
-    assert store.remove("p1", "u1")
+    assert store.remove("p1", store.list()[0].id)
     store.close()
     open_credentials(settings(db, KEY_B)).close()  # nothing sealed remains: any key will do
 
@@ -259,14 +261,14 @@ def test_plaintext_rows_of_0_1_are_sealed_on_open_and_leave_no_copy(db: Path):
     finally:
         store.close()
     with raw(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_an_empty_0_1_table_is_upgraded_without_a_key(db: Path):
     make_0_1_database(db, [])
     open_credentials(settings(db)).close()
     with raw(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_a_database_from_a_newer_version_is_refused(db: Path):
@@ -316,3 +318,54 @@ def test_add_secret_key_creates_a_private_file_and_puts_the_new_key_first(
     text = key_file.read_text()
     assert text.startswith("# funnelgate secret keys")  # the comments stay on top
     assert [k.id for k in read_secret_key_file(key_file)] == [second.id, first.id]
+
+
+# funnelgate 0.2's file: one sealed token per user, and an outbox without credential ids.
+VERSION_1 = """
+CREATE TABLE credentials (project_id TEXT NOT NULL, user_id TEXT NOT NULL, key_id TEXT NOT NULL,
+    sealed_token BLOB NOT NULL, updated_at INTEGER NOT NULL, PRIMARY KEY (project_id, user_id));
+CREATE TABLE outbox (seq INTEGER PRIMARY KEY, project_id TEXT NOT NULL, user_id TEXT NOT NULL,
+    event_id TEXT NOT NULL, event_name TEXT NOT NULL, pixel_id TEXT NOT NULL,
+    test_event_code TEXT, expires_at REAL NOT NULL, status TEXT NOT NULL,
+    attempts INTEGER NOT NULL, next_at REAL NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, fbtrace_id TEXT, error BLOB, event BLOB NOT NULL);
+CREATE INDEX outbox_held ON outbox (project_id, user_id) WHERE status = 'held';
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_file_gets_credential_ids_and_its_pending_events_keep_their_account(db: Path):
+    keyring = Keyring(parse_secret_keys(KEY_A, "test"))
+    with raw(db) as conn:
+        conn.executescript(VERSION_1)
+        for user, token in (("u1", TOKEN), ("u2", OTHER)):
+            key, sealed = keyring.seal(token.encode(), credentials_module._context("p1", user))
+            conn.execute("INSERT INTO credentials VALUES ('p1', ?, ?, ?, 1700000000)",
+                         (user, key, sealed))  # fmt: skip
+        for seq, (user, status) in enumerate(
+            [("u1", "queued"), ("u1", "held"), ("u1", "delivered"), ("u3", "queued")], 1
+        ):
+            conn.execute("INSERT INTO outbox VALUES (?, 'p1', ?, ?, 'Lead', 'px', NULL, 9e9, ?, "
+                         "0, 0, 0, 0, NULL, NULL, '{}')", (seq, user, f"e{seq}", status))  # fmt: skip
+
+    store = open_credentials(settings(db, KEY_A))
+    try:
+        first, second = store.list("p1")
+        assert (first.user_id, second.user_id) == ("u1", "u2")
+        assert all(c.default and c.status == "valid" and c.updated_at == 1700000000
+                   for c in (first, second))  # fmt: skip
+        assert str(uuid.UUID(first.id)) == first.id != second.id
+        assert store.get("p1", "u1") == TOKEN and store.get("p1", "u2") == OTHER
+    finally:
+        store.close()
+    with raw(db) as conn:
+        tied = conn.execute("SELECT seq, credential_id FROM outbox ORDER BY seq").fetchall()
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    # Pending events of u1 go with u1's credential; finished ones are history; u3 had none
+    # (the project's token).
+    assert tied == [(1, first.id), (2, first.id), (3, None), (4, None)]
+    assert "outbox_held" not in indexes
+    open_credentials(settings(db, KEY_A)).close()  # a second start changes nothing
+    with raw(db) as conn:
+        assert conn.execute("SELECT count(*) FROM credentials").fetchone()[0] == 2
