@@ -43,6 +43,9 @@ SANDBOX_PATH = "/sandbox/events"
 RUN_PATHS = {"/projects/{project_id}/tools": "tool", "/projects/{project_id}/actions": "action"}
 MCP_PATH = "/projects/{project_id}/mcp"
 STATUS_PATH = "/projects/{project_id}/events/{event_id}"
+CREDENTIAL_HEADER = {"$ref": "#/components/parameters/X-Paragon-Credential"}
+MULTI_ACCOUNT = "https://docs.useparagon.com/apis/api-reference/multi-account-authorization"
+JWT_PERMISSIONS = "https://docs.useparagon.com/apis/api-reference/jwt-permissions"
 
 
 def test_document_is_valid_openapi():
@@ -106,8 +109,28 @@ def test_every_error_code_is_documented_in_openapi_and_readme():
     # A queued event fails with these codes, plus EVENT_EXPIRED (no HTTP answer carries it).
     event_codes = SCHEMAS["EventError"]["properties"]["code"]["enum"]
     assert event_codes == [*SCHEMAS["Error"]["properties"]["code"]["enum"], "EVENT_EXPIRED"]
-    documented |= set(event_codes)
-    assert [code for code in sorted(documented) if f"`{code}`" not in readme] == []
+    # The README's table names every code a caller or a queued event can meet.
+    met = codes | {"EVENT_EXPIRED"}
+    assert [code for code in sorted(met) if f"`{code}`" not in readme] == []
+
+
+def test_every_code_a_response_names_is_a_documented_code():
+    """A description that names a code (CREDENTIAL_NOT_FOUND, say) names one a client can
+    match on: a typo in either place fails here."""
+    documented = set(SCHEMAS["Error"]["properties"]["code"]["enum"])
+    responses = [*DOCUMENT["components"]["responses"].values()] + [
+        response
+        for item in DOCUMENT["paths"].values()
+        for operation in item.values()
+        for response in operation["responses"].values()
+    ]
+    named = {
+        code
+        for response in responses
+        for code in re.findall(r"\b[A-Z]+(?:_[A-Z]+)+\b", response.get("description", ""))
+    }
+    assert {"CREDENTIAL_NOT_FOUND", "INTEGRATION_FORBIDDEN", "CREDENTIAL_FORBIDDEN"} <= named
+    assert named <= documented, named - documented
 
 
 def test_the_published_funnel_event_schema_is_kept_verbatim():
@@ -330,8 +353,8 @@ def test_run_tool_documents_every_status_the_server_can_answer():
         if isinstance(cls, type) and issubclass(cls, errors.FunnelgateError)
     }  # fmt: skip
     # 429 and 503: the limits on calls; 202: queued (also when Meta is unavailable, so no 504);
-    # 409 and 422: Idempotency-Key's in progress and reused.
-    expected = {200, 202} | error_statuses | {409, 422, 429, 503}
+    # 409 and 422: Idempotency-Key's in progress and reused; 403: the token's JWT permissions.
+    expected = {200, 202} | error_statuses | {403, 409, 422, 429, 503}
     for path in RUN_PATHS:
         responses = _responses(path, "post")
         assert {int(s) for s in responses} == expected, path
@@ -387,10 +410,10 @@ def _is_valid(name: str, instance: Any) -> bool:
 
 
 @pytest.mark.parametrize("path", RUN_PATHS)
-def test_run_tool_takes_prefer_and_an_idempotency_key(path):
+def test_run_tool_takes_prefer_an_idempotency_key_and_a_credential(path):
     parameters = [_parameter(p) for p in DOCUMENT["paths"][path]["post"]["parameters"]]
     headers = {p["name"]: p for p in parameters if p["in"] == "header"}
-    assert set(headers) == {"Prefer", "Idempotency-Key"}
+    assert set(headers) == {"Prefer", "Idempotency-Key", "X-Paragon-Credential"}
     assert not any(p["required"] for p in headers.values())
     # Unknown preferences are ignored (RFC 7240 §2), so no value of Prefer may be refused.
     assert headers["Prefer"]["schema"] == {"type": "string"}
@@ -440,6 +463,127 @@ def test_the_idempotency_key_format_is_the_one_the_server_parses():
         except errors.BadRequest:
             accepted = False
         assert accepted == (key in GOOD_KEYS), key
+
+
+# Multi Account Authorization and JWT permissions: X-Paragon-Credential, the 403, and the
+# credential a dry run and an event status show.
+
+CREDENTIAL_OPERATIONS = [(path, method) for path in RUN_PATHS for method in ("post", "get")] + [
+    (MCP_PATH, "post")
+]
+
+
+def test_the_credential_header_is_declared_where_a_credential_is_used():
+    """Run Tool, List Tools (both paths) and MCP pick a credential; nothing else does."""
+    declared = {
+        (path, method)
+        for path, item in DOCUMENT["paths"].items()
+        for method, operation in item.items()
+        if CREDENTIAL_HEADER in operation.get("parameters", [])
+    }
+    assert declared == set(CREDENTIAL_OPERATIONS)
+    for path, method in CREDENTIAL_OPERATIONS:
+        parameters = DOCUMENT["paths"][path][method]["parameters"]
+        assert parameters.count(CREDENTIAL_HEADER) == 1, (path, method)
+    header = _parameter(CREDENTIAL_HEADER)
+    assert (header["name"], header["in"], header["required"]) == (
+        "X-Paragon-Credential",
+        "header",
+        False,
+    )
+    assert header["schema"] == {"type": "string", "minLength": 1, "maxLength": 200}
+    examples = [example["value"] for example in header["examples"].values()]
+    assert any(value.startswith("ext:") for value in examples)
+    assert all(Draft202012Validator(header["schema"]).is_valid(value) for value in examples)
+    # ActionKit's own wording, its page, both ways to name a credential, and the fallbacks.
+    for words in ('"via X-Paragon-Credential header"', MULTI_ACCOUNT, "Credential ID",
+                  "`ext:<External ID>`", "default credential", "project-wide token",
+                  "CREDENTIAL_NOT_FOUND", "INVALID_REQUEST", "CREDENTIAL_FORBIDDEN"):  # fmt: skip
+        assert words in header["description"], words
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [("3f1c2a9e-7b4d-4e8a-9c61-0d5e2f8a7b13", True), ("ext:ada@example.com", True),
+     ("x", True), ("x" * 200, True), ("", False), ("x" * 201, False), (None, False)],
+)  # fmt: skip
+def test_the_credential_header_format(value, valid):
+    schema = _parameter(CREDENTIAL_HEADER)["schema"]
+    assert Draft202012Validator(schema).is_valid(value) == valid
+
+
+@pytest.mark.parametrize("path", RUN_PATHS)
+def test_run_tool_documents_the_403_of_jwt_permissions(path):
+    responses = _responses(path, "post")
+    forbidden = responses["403"]
+    assert DOCUMENT["paths"][path]["post"]["responses"]["403"] == {
+        "$ref": "#/components/responses/Forbidden"
+    }
+    assert _json_schema(forbidden) == {"$ref": "#/components/schemas/Error"}
+    codes = set(re.findall(r"[A-Z_]{6,}", forbidden["description"]))
+    assert {"INTEGRATION_FORBIDDEN", "CREDENTIAL_FORBIDDEN"} <= codes
+    for words in ("`urn:useparagon:connect:permissions`", JWT_PERMISSIONS, "`integration:*`",
+                  "`integration:facebookAds`", "`credential:*`", "`credential:<Credential ID>`",
+                  "dry runs too", "nothing was sent"):  # fmt: skip
+        assert words in forbidden["description"], words
+    assert "CREDENTIAL_NOT_FOUND" in responses["400"]["description"]
+
+
+def test_list_tools_and_mcp_never_answer_403():
+    """List Tools hides what the token may not use; MCP answers a refused tools/call as an
+    isError result. Both name the codes a client can meet instead."""
+    for path in RUN_PATHS:
+        responses = _responses(path, "get")
+        assert "403" not in responses
+        assert "CREDENTIAL_NOT_FOUND" in responses["400"]["description"]
+        assert "JWT permissions" in DOCUMENT["paths"][path]["get"]["description"]
+    assert "403" not in _responses(MCP_PATH, "post")
+    described = DOCUMENT["paths"][MCP_PATH]["post"]["description"]
+    for words in ("X-Paragon-Credential", "isError", "CREDENTIAL_NOT_FOUND",
+                  "INTEGRATION_FORBIDDEN", "CREDENTIAL_FORBIDDEN"):  # fmt: skip
+        assert words in described, words
+
+
+CREDENTIALS = [
+    None,
+    {"id": "3f1c2a9e-7b4d-4e8a-9c61-0d5e2f8a7b13", "label": "Agency BM", "source": "header",
+     "status": "valid"},
+    {"id": "3f1c2a9e-7b4d-4e8a-9c61-0d5e2f8a7b13", "label": None, "source": "default",
+     "status": "invalid"},
+    {"id": None, "label": None, "source": "project", "status": "valid"},
+]  # fmt: skip
+
+
+def test_the_dry_run_shows_the_credential_it_would_use(client, sign):
+    """The current dry-run answer validates, with `credential` absent and in each shape."""
+    response = client.post(
+        f"/projects/{PROJECT}/tools",
+        params={"dry_run": "true"},
+        headers={"Authorization": f"Bearer {sign()}"},
+        json={"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": funnel_parameters()},
+    )
+    assert response.status_code == 200, response.text
+    body = {k: v for k, v in response.json().items() if k != "credential"}
+    assert _is_valid("DryRun", body)
+    for credential in CREDENTIALS:
+        assert _is_valid("DryRun", {**body, "credential": credential}), credential
+    shown = CREDENTIALS[1]
+    assert shown is not None
+    for broken in ({**shown, "source": "env"}, {**shown, "status": "removed"},
+                   {**shown, "id": 7}, {k: v for k, v in shown.items() if k != "label"},
+                   "3f1c2a9e-7b4d-4e8a-9c61-0d5e2f8a7b13"):  # fmt: skip
+        assert not _is_valid("DryRun", {**body, "credential": broken}), broken
+
+
+def test_an_event_status_shows_its_credential(tmp_path):
+    held = _statuses(tmp_path)["held"]
+    credential = {"id": "3f1c2a9e-7b4d-4e8a-9c61-0d5e2f8a7b13", "status": "invalid"}
+    for status in ("valid", "invalid", "removed"):
+        assert _is_valid("EventStatus", {**held, "credential": {**credential, "status": status}})
+    for broken in ({**credential, "status": "expired"}, {**credential, "id": None},
+                   {"status": "valid"}, None):  # fmt: skip
+        assert not _is_valid("EventStatus", {**held, "credential": broken}), broken
+    assert "credential" not in SCHEMAS["EventStatus"]["required"]  # absent: the project token
 
 
 # The 202 body of issue 10's contract.
@@ -685,9 +829,22 @@ def test_a_generated_client_parses_the_queued_answer_and_every_event_status(fgcl
         if "error" in body:
             assert str(status.error.code) == body["error"]["code"]
     run_tool = inspect.signature(fgclient["run_tool"].sync_detailed).parameters
-    assert {"prefer", "idempotency_key"} <= set(run_tool)
+    assert {"prefer", "idempotency_key", "x_paragon_credential"} <= set(run_tool)
     status_call = importlib.import_module("fgclient.api.default.get_event_status")
     assert list(inspect.signature(status_call.sync_detailed).parameters)[:2] == [
         "project_id",
         "event_id",
     ]
+
+
+def test_a_generated_client_sends_the_credential_header_and_parses_the_credentials(
+    fgclient, tmp_path
+):
+    list_tools = importlib.import_module("fgclient.api.default.list_tools")
+    assert "x_paragon_credential" in inspect.signature(list_tools.sync_detailed).parameters
+    credential = {"id": "3f1c2a9e-7b4d-4e8a-9c61-0d5e2f8a7b13", "status": "invalid"}
+    body = {**_statuses(tmp_path)["held"], "credential": credential}
+    status = fgclient["models"].EventStatus.from_dict(body)
+    assert (status.credential.id, str(status.credential.status)) == (credential["id"], "invalid")
+    shown = fgclient["models"].DryRunCredential.from_dict(CREDENTIALS[3])
+    assert (shown.id, shown.label, str(shown.source)) == (None, None, "project")
