@@ -659,7 +659,7 @@ def _statuses(tmp_path: Path) -> dict[str, dict[str, Any]]:
     try:
         outbox.create_schema(db)
         names = ("queued", "retrying", "held", "delivered", "rejected", "expired")
-        rows = [outbox.NewEvent(PROJECT, "user-1", PIXEL, None, {**EVENT, "event_id": name}, b"{}")
+        rows = [outbox.NewEvent(PROJECT, "user-1", None, PIXEL, None, {**EVENT, "event_id": name}, b"{}")
                 for name in names]  # fmt: skip
         seq = dict(
             zip(names, outbox.insert(db, outbox.rows_of(rows, now=NOW, next_at=NOW)), strict=True)

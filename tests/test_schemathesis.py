@@ -14,10 +14,15 @@ schema validator must accept the parameters, so every violation is one of Meta's
 none is a disagreement between openapi.json and the schema the server validates against. The
 one bound the document states in words only is the nesting of free-form values (AnyBoundedJson:
 JSON Schema cannot count depth), so a value nested too deep is Meta's rules' peer here.
+
+Likewise a well-formed `X-Paragon-Credential` that names no credential of the user is refused
+with 400 CREDENTIAL_NOT_FOUND on Run Tool and List Tools (`unknown_credential_only`): the
+document cannot list which credentials exist.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -33,13 +38,17 @@ from schemathesis.schemas import BaseSchema
 
 from server.app import create_app
 from server.errors import InvalidParameters
+from server.storage.credentials import open_credentials
 from server.validation import ParameterValidator
 from tests.live import serving
 from tests.support import PROJECT, WallClockGraph, make_config
 from tools.catalog import load_catalog as load_tools
+from tools.catalog import load_openapi
 from tools.limits import MAX_DEPTH
 
 RUN_OPERATIONS = ("runTool", "runAction")
+LIST_OPERATIONS = ("listTools", "listActions")
+CREDENTIAL_HEADER = "X-Paragon-Credential"
 # A schema-valid call may still be refused: Meta's rules (400), an Idempotency-Key in use (409)
 # or reused with another body (422), the limits on calls (429, 503).
 RUN_STATUSES = ["2xx", "400", "401", "404", "409", "422", "429", "5xx"]
@@ -58,6 +67,8 @@ def meta_rules_only(ctx: Any, response: Any, case: Any) -> bool | None:
     if operation_id not in RUN_OPERATIONS or not positive or response.status_code != 400:
         return None
     body = response.json()
+    if body.get("code") == "CREDENTIAL_NOT_FOUND":
+        return unknown_credential_only(ctx, response, case)
     assert body.get("code") == "INVALID_PARAMETERS", (
         f"a schema-valid call was refused as {body.get('code')}: {body.get('message')}"
     )
@@ -71,6 +82,23 @@ def meta_rules_only(ctx: Any, response: Any, case: Any) -> bool | None:
             f"openapi.json accepts parameters that the server's schema for {name} refuses: "
             f"{[(v.path, v.message) for v in exc.violations]}"
         ) from None
+    return True
+
+
+@schemathesis.check
+def unknown_credential_only(ctx: Any, response: Any, case: Any) -> bool | None:
+    """A schema-valid call refused with 400 on List Tools (or Run Tool, through
+    `meta_rules_only`) named a credential the user does not have."""
+    operation_id = case.operation.definition.raw.get("operationId")
+    positive = case.meta is not None and case.meta.generation.mode.is_positive
+    wanted = (*RUN_OPERATIONS, *LIST_OPERATIONS)
+    if operation_id not in wanted or not positive or response.status_code != 400:
+        return None
+    code = response.json().get("code")
+    if operation_id in RUN_OPERATIONS and code != "CREDENTIAL_NOT_FOUND":
+        return None  # meta_rules_only judges those
+    assert code == "CREDENTIAL_NOT_FOUND", f"a schema-valid listing was refused as {code}"
+    assert CREDENTIAL_HEADER in (case.headers or {}), "CREDENTIAL_NOT_FOUND without the header"
     return True
 
 
@@ -93,7 +121,11 @@ def contract_failures(base_url: str, token: str, only_path: str | None = None) -
                     "positive_data_acceptance": {"expected-statuses": RUN_STATUSES},
                     "negative_data_rejection": {"expected-statuses": [*REFUSED, "5xx"]},
                 },
-            }
+            },
+            {
+                "include-operation-id": list(LIST_OPERATIONS),
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "400"]}},
+            },
         ]
     config = schemathesis.Config.from_dict(settings)
     # The served document, loaded as data: loaded by URL, schemathesis skips that operation.
@@ -151,6 +183,12 @@ def user_token(key: rsa.RSAPrivateKey) -> str:
 def test_every_operation_keeps_the_contract(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     graph = WallClockGraph()
     config = make_config(tmp_path, rsa_key, facebook_access_token="EAAB-project-token")
+    # The credentials the document's header examples name, so its examples reach Meta.
+    examples = load_openapi()["components"]["parameters"][CREDENTIAL_HEADER]["examples"]
+    with contextlib.closing(open_credentials(config.storage)) as store:
+        store.set(PROJECT, "user-1", "EAAB-by-id", credential_id=examples["id"]["value"])
+        external = examples["externalId"]["value"].removeprefix("ext:")
+        store.set(PROJECT, "user-1", "EAAB-by-external-id", external_id=external)
     with serving(create_app(config, graph_transport=graph.transport())) as url:
         failures = contract_failures(url, user_token(rsa_key))
     assert not failures, f"{len(failures)} contract failures:\n" + "\n".join(failures)
