@@ -67,6 +67,11 @@ _FIELDS = (
     "key_id, sealed_token, created_at, updated_at, last_used_at"
 )
 
+_OF_USER = f"SELECT {_FIELDS} FROM credentials WHERE project_id = ? AND user_id = ? AND "  # noqa: S608
+_BY_DEFAULT = _OF_USER + "is_default"
+_BY_EXTERNAL = _OF_USER + "external_id = ?"
+_BY_ID = _OF_USER + "credential_id = ?"
+
 
 @dataclass(frozen=True, slots=True)
 class Credential:
@@ -143,17 +148,14 @@ class CredentialStore:
     def find(self, project_id: str, user_id: str, selector: str | None = None) -> Credential | None:
         """The user's credential that `selector` names (its id, or `ext:` and its external
         id), or the user's default one when there is no selector; never another user's."""
+        args: tuple[str, ...]
         if selector is None:
-            where, arg = "is_default", None
+            statement, args = _BY_DEFAULT, (project_id, user_id)
         elif selector.startswith(EXTERNAL):
-            where, arg = "external_id = ?3", selector[len(EXTERNAL) :]
+            statement, args = _BY_EXTERNAL, (project_id, user_id, selector[len(EXTERNAL) :])
         else:
-            where, arg = "credential_id = ?3", selector
-        row = self._db.execute(
-            f"SELECT {_FIELDS} FROM credentials "  # noqa: S608 - literal fragments only
-            f"WHERE project_id = ?1 AND user_id = ?2 AND {where}",
-            (project_id, user_id) if arg is None else (project_id, user_id, arg),
-        ).fetchone()
+            statement, args = _BY_ID, (project_id, user_id, selector)
+        row = self._db.execute(statement, args).fetchone()
         return None if row is None else Credential.of_row(row)
 
     def by_id(self, project_id: str, credential_id: str) -> Credential | None:
