@@ -336,3 +336,26 @@ def test_the_claims_of_a_long_send_are_renewed(harness, monkeypatch):
         return rows(queue)["e1"].next_at
 
     assert harness.run(body) >= NOW + 2 * LEASE_SECONDS - 1
+
+
+def test_a_credentials_last_use_is_written_once_for_many_sends(harness):
+    store = open_credentials(harness.config.storage)
+    credential, _ = store.set(PROJECT, USER, "EAAB-used")
+    assert credential.last_used_at is None
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> None:
+        await queue.enqueue(
+            [new(n, credential=credential.id, pixel=f"{PIXEL}{n}") for n in range(3)]
+        )
+        dispatcher.wake()
+        counts = await until(queue, lambda c: c["delivered"] == 3)
+        assert counts["delivered"] == 3, counts
+        assert store.by_id(PROJECT, credential.id).last_used_at is None  # type: ignore[union-attr]
+        await dispatcher.write_uses()  # what the loop does once a minute
+
+    harness.run(body)
+    used = store.by_id(PROJECT, credential.id)
+    store.close()
+    assert used is not None and used.last_used_at is not None
+    assert abs(used.last_used_at - time.time()) < 60
+    assert len(harness.graph.received) == 3  # three sends, one write

@@ -132,6 +132,8 @@ class Dispatcher:
         if self._main is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
+        with contextlib.suppress(Exception):  # a last use is worth a try, not a failed stop
+            await self.write_uses()
         if not self._tasks:
             await self._stop_renewing()
             return
