@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.permissions import CLAIM, UNRESTRICTED, Permissions
+from server.permissions import CLAIM, MAX_SCOPES, UNRESTRICTED, Permissions
 
 ADS = "facebookAds"
 A = "0b7c6a52-1f0e-4c3b-9a55-6d1f2e3a4b5c"
@@ -93,3 +93,25 @@ def test_the_project_token_is_never_granted_by_a_credential_scope():
 def test_an_integration_is_usable_when_only_one_credential_is_granted():
     permissions = of({"integration:*": False, f"integration:{ADS}": False, f"credential:{B}": True})
     assert grants(permissions) == (True, False, True, False)
+
+
+def test_a_uuid_scope_names_the_credential_in_any_case():
+    """A UUID is case-insensitive on input (RFC 9562, section 4): a denial written in upper
+    case still denies the credential whose id is stored in lower case."""
+    permissions = of({"integration:*": True, f"credential:{A.upper()}": False})
+    assert permissions.may_use_credential(ADS, A) is False
+    assert permissions.may_use_credential(ADS, B) is True
+    granted = of({"integration:*": False, f"credential:{B.upper()}": True})
+    assert granted.may_use_credential(ADS, B) is True
+    # Two spellings of one credential that disagree: the denial stands.
+    both = of({f"credential:{A.upper()}": True, f"credential:{A}": False})
+    assert both.may_use_credential(ADS, A) is False
+
+
+def test_a_claim_with_more_scopes_than_are_read_grants_nothing():
+    """Scopes past the ones read could deny what earlier ones grant: none is assumed."""
+    claim: dict[str, Any] = {"integration:*": True}
+    claim.update({f"configuration:ext:{n}": True for n in range(MAX_SCOPES - 1)})
+    assert grants(of(claim)) == (True, True, True, True)
+    claim[f"credential:{A}"] = False
+    assert grants(of(claim)) == (False, False, False, False)
