@@ -11,18 +11,21 @@ funnelgate applies the scopes that exist here: `integration:*`, `integration:<na
 `configuration:ext:<id>` are ignored, as are other integrations' scopes and unknown keys. It
 never grants more than the token says: with a claim, what no scope grants is denied; only JSON
 `true` grants, and any other value at one of these scopes (`false`, an object of finer
-permissions funnelgate does not know, a string) denies; a claim that is not an object grants
-nothing.
+permissions funnelgate does not know, a string) denies; a claim that is not an object, or has
+more scopes than are read, grants nothing. A credential's UUID is matched in any case (RFC 9562,
+section 4: case-insensitive on input), so a denial spelled in upper case still denies.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 CLAIM = "urn:useparagon:connect:permissions"
 MAX_SCOPES = 1000  # a claim's keys read at most: the token itself is capped at 8 KiB
+_CREDENTIAL = "credential:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +39,14 @@ class Permissions:
         if CLAIM not in claims:
             return UNRESTRICTED
         claim = claims[CLAIM]
-        if not isinstance(claim, dict):
-            return cls({})
-        return cls({str(k): v is True for k, v in list(claim.items())[:MAX_SCOPES]})
+        if not isinstance(claim, dict) or len(claim) > MAX_SCOPES:
+            return cls({})  # an unread scope could deny what a read one grants
+        scopes: dict[str, bool] = {}
+        for key, value in claim.items():
+            scope = _canonical(str(key))
+            # Two spellings of one credential's scope: a denial by either stands.
+            scopes[scope] = scopes.get(scope, True) and value is True
+        return cls(scopes)
 
     @property
     def restricted(self) -> bool:
@@ -49,7 +57,7 @@ class Permissions:
         decision: bool | None = None
         scopes = ["integration:*", f"integration:{integration}", "credential:*"]
         if credential_id is not None:
-            scopes.append(f"credential:{credential_id}")
+            scopes.append(_canonical(_CREDENTIAL + credential_id))
         for scope in scopes:  # least specific first: the last one present wins
             if scope in self.scopes:
                 decision = self.scopes[scope]
@@ -63,7 +71,7 @@ class Permissions:
         if self._decide(integration, None):
             return True
         return any(
-            granted and scope.startswith("credential:") and scope != "credential:*"
+            granted and scope.startswith(_CREDENTIAL) and scope != "credential:*"
             for scope, granted in self.scopes.items()
         )
 
@@ -76,3 +84,13 @@ class Permissions:
 
 
 UNRESTRICTED = Permissions()
+
+
+def _canonical(scope: str) -> str:
+    """`credential:` and a UUID in its lower-case hyphenated form; any other scope as is."""
+    if not scope.startswith(_CREDENTIAL) or scope == "credential:*":
+        return scope
+    try:
+        return _CREDENTIAL + str(uuid.UUID(scope[len(_CREDENTIAL) :]))
+    except ValueError:
+        return scope
