@@ -135,11 +135,13 @@ def _bad_key(message: str) -> BadRequest:
     return BadRequest(message, code="INVALID_REQUEST")
 
 
-def fingerprint(tool_name: str, parameters: Any) -> str:
-    """SHA-256 (hex) of the tool name and the parameters as canonical JSON (keys sorted at
-    every level), so a retry that re-serialises its body differently is still the same."""
+def fingerprint(tool_name: str, parameters: Any, credential: str | None = None) -> str:
+    """SHA-256 (hex) of the tool name, the parameters as canonical JSON (keys sorted at every
+    level), so a retry that re-serialises its body differently is still the same, and the
+    credential X-Paragon-Credential names (another account is another request)."""
+    request = [tool_name, parameters] if credential is None else [tool_name, parameters, credential]
     try:
-        canonical = orjson.dumps([tool_name, parameters], option=orjson.OPT_SORT_KEYS)
+        canonical = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:  # too deep, or a lone surrogate: the runner refuses it too
         raise InvalidParameters([Violation("parameters", "cannot be sent as JSON")]) from None
     return hashlib.sha256(canonical).hexdigest()
@@ -186,12 +188,13 @@ class Idempotency:
         tool_name: str,
         parameters: Any,
         call: Call,
+        credential: str | None = None,
     ) -> Response:
         """`call(new_id)`'s answer, or the stored answer of the first call with `key`.
 
         `call` runs the tool with `new_id` as its event-id factory and returns the Response
         (or raises a FunnelgateError, which is re-raised once recorded)."""
-        fp = fingerprint(tool_name, parameters)
+        fp = fingerprint(tool_name, parameters, credential)
         scope = (project_id, user_id, _key_hash(key))
         running = self._running.get(scope)
         if running is not None:

@@ -46,7 +46,8 @@ async def _run(request: Request, name_key: str) -> Response:
         # Nothing is sent, so nothing is kept; with a key it shows the ids the call will use.
         new_id = None
         if key is not None:
-            new_id = derived_ids(project.id, user_id, key, fingerprint(tool_name, parameters))
+            fp = fingerprint(tool_name, parameters, selector)
+            new_id = derived_ids(project.id, user_id, key, fp)
         shown = runner.dry_run(
             project, user_id, tool_name, parameters,
             new_id=new_id, selector=selector, permissions=permissions,
@@ -80,10 +81,13 @@ async def _run(request: Request, name_key: str) -> Response:
 
     if key is None:
         return await call(None)
+    if tool_name in runner.catalog:  # a replay answers only what this token may use
+        runner.authorize(project, user_id, tool_name, selector=selector, permissions=permissions)
     idempotency: Idempotency = request.app.state.idempotency
     return await idempotency.handle(
-        project.id, user_id, key, tool_name=tool_name, parameters=sent, call=call
-    )
+        project.id, user_id, key,
+        tool_name=tool_name, parameters=sent, call=call, credential=selector,
+    )  # fmt: skip
 
 
 def _accepted(project_id: str, queued: Queued, prefer: Preferences) -> Response:

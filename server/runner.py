@@ -172,6 +172,20 @@ class Runner:
         source = "header" if selector else "default" if found else "project"
         return Account(found, source)
 
+    def authorize(
+        self,
+        project: Project,
+        user_id: str,
+        tool_name: str,
+        *,
+        selector: str | None = None,
+        permissions: Permissions = UNRESTRICTED,
+    ) -> None:
+        """The checks a call of the tool passes before any work (an Idempotency-Key replay
+        passes them too): the token may use the tool's integration and the credential."""
+        integration = self._entry(tool_name).tool.integration.name
+        self.account(project, user_id, integration, selector=selector, permissions=permissions)
+
     def available(
         self,
         project: Project,
@@ -288,19 +302,22 @@ class Runner:
             )
             return Queued(batch.event_ids, "meta_unavailable", batch.warnings, error)
         except UpstreamAuth as exc:
-            if account.credential_id is not None:
-                await self._invalidate(project.id, account.credential_id, exc)
+            if account.credential is not None:
+                await self._invalidate(project.id, account.credential, exc)
             raise
         return self.catalog[tool_name].tool.present(
             {**answer, **_warnings(batch.warnings)}, parameters
         )
 
-    async def _invalidate(self, project_id: str, credential_id: str, exc: UpstreamAuth) -> None:
-        """Meta refused the credential's token: it shows as invalid until it is set again."""
+    async def _invalidate(self, project_id: str, credential: Credential, exc: UpstreamAuth) -> None:
+        """Meta refused the credential's token: it shows as invalid until it is set again
+        (unless the token was replaced while the request was out)."""
         error = {"code": exc.code, "message": exc.message, "upstream": exc.upstream}
         try:
             await self._queue.write(
-                lambda db: credentials.mark_invalid(db, project_id, credential_id, error)
+                lambda db: credentials.mark_invalid(
+                    db, project_id, credential.id, error, refused=credential.sealed_token
+                )
             )
         except Exception as failure:  # the caller still gets Meta's refusal
             log("credential_status_failed", logging.ERROR, project=project_id,

@@ -275,11 +275,19 @@ def test_a_denial_of_one_credential_keeps_the_others(accounts):
     assert accounts.sent_with() == [TOKENS[A], PROJECT_TOKEN]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes.py _run checks permissions inside runner.run, which an Idempotency-Key "
-    "replay never reaches: a denied token gets the stored 200",
-)
+def test_an_idempotency_key_names_one_account(accounts):
+    key = (("Idempotency-Key", "order-1002-try"),)
+    assert accounts.post(A, extra=key).status_code == 200
+    assert accounts.post(A, extra=key).headers["Idempotent-Replayed"] == "true"
+    assert error_of(accounts.post(B, extra=key)) == (422, "IDEMPOTENCY_KEY_REUSED")
+    assert accounts.sent_with() == [TOKENS[A]]
+
+
+def test_a_credential_id_in_upper_case_names_the_same_credential(accounts):
+    assert accounts.post(A.upper()).status_code == 200
+    assert accounts.sent_with() == [TOKENS[A]]
+
+
 def test_an_idempotency_key_replay_is_subject_to_the_tokens_permissions(accounts):
     key = (("Idempotency-Key", "order-1001-try"),)
     assert accounts.post(A, extra=key).status_code == 200
@@ -333,11 +341,6 @@ def test_a_token_meta_refuses_marks_its_credential_invalid_until_it_is_set_again
     assert accounts.sent_with() == [TOKENS[A], TOKENS[B], RENEWED]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner.py Runner._invalidate marks the credential invalid even when its token was "
-    "replaced while the refused request was out (the dispatcher checks; the runner does not)",
-)
 def test_a_refusal_of_a_token_replaced_meanwhile_leaves_the_credential_valid(accounts):
     accounts.graph.script.append(Step(REFUSED.status, error=REFUSED.error, delay=0.5))
     answers: list[httpx2.Response] = []

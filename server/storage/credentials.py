@@ -154,7 +154,7 @@ class CredentialStore:
         elif selector.startswith(EXTERNAL):
             statement, args = _BY_EXTERNAL, (project_id, user_id, selector[len(EXTERNAL) :])
         else:
-            statement, args = _BY_ID, (project_id, user_id, selector)
+            statement, args = _BY_ID, (project_id, user_id, canonical_id(selector))
         row = self._db.execute(statement, args).fetchone()
         return None if row is None else Credential.of_row(row)
 
@@ -399,14 +399,29 @@ class CredentialStore:
 
 
 def mark_invalid(
-    db: sqlite3.Connection, project_id: str, credential_id: str, error: dict[str, Any]
+    db: sqlite3.Connection,
+    project_id: str,
+    credential_id: str,
+    error: dict[str, Any],
+    *,
+    refused: bytes | None = None,
 ) -> None:
-    """Meta refused the credential's token; `set` on it makes it valid again."""
+    """Meta refused the credential's token; `set` on it makes it valid again. With `refused`
+    (the sealed token Meta refused), a token replaced meanwhile is left valid."""
     db.execute(
         "UPDATE credentials SET status = 'invalid', status_error = ? "
-        "WHERE project_id = ? AND credential_id = ?",
-        (orjson.dumps(error), project_id, credential_id),
+        "WHERE project_id = ? AND credential_id = ? AND (?4 IS NULL OR sealed_token = ?4)",
+        (orjson.dumps(error), project_id, credential_id, refused),
     )
+
+
+def canonical_id(credential_id: str) -> str:
+    """A UUID in its lower-case form (RFC 9562 §4: UUIDs are case-insensitive on input), as
+    ids are stored; anything else as it is."""
+    try:
+        return str(uuid.UUID(credential_id))
+    except ValueError:
+        return credential_id
 
 
 def write_uses(db: sqlite3.Connection, uses: Uses) -> None:
