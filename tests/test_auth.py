@@ -34,7 +34,7 @@ def full_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     checked: list[str] = []
     real_verify = auth._verify
 
-    def counted(token: str, project: Project, now: float) -> tuple[str, float]:
+    def counted(token: str, project: Project, now: float) -> tuple[auth.Verified, float]:
         checked.append(token)
         return real_verify(token, project, now)
 
