@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -411,8 +412,8 @@ def test_tokens_are_encrypted_in_every_file_and_rotate_while_serving(project_dir
                 f"re-encrypted 2 access token(s) with secret key {new_id}; keys in use: {new_id}."
                 in rotated.stdout
             )
-            listed = funnelgate("credentials", "list", "--config", str(config)).stdout.splitlines()
-            assert [line.rsplit("\t", 1)[1] for line in listed] == [f"key {new_id}"] * 2
+            listed = funnelgate("credentials", "list", "--config", str(config)).stdout
+            assert [row["KEY"] for row in table_rows(listed)] == [new_id] * 2
             assert (send_as("u1"), send_as("u2")) == (first, second)
             assert_private_and_sealed(db, [first, second], all_three=True)
         finally:
@@ -435,7 +436,7 @@ def test_serve_refuses_to_start_without_the_key_that_sealed_the_tokens(project_d
     assert funnelgate("credentials", "set", "--config", str(config), "--project", "p1", "--user", "u1",
                       "--access-token-file", "-", stdin="EAAB-sealed").returncode == 0  # fmt: skip
     listed = funnelgate("credentials", "list", "--config", str(config)).stdout
-    sealed_by = _found(r"key ([0-9a-f]{16})$", listed, re.M)
+    [sealed_by] = [row["KEY"] for row in table_rows(listed)]
     wrong_key = new_secret_key()
 
     wrong = funnelgate("serve", "--config", str(config), "--port", str(free_port()),
@@ -471,9 +472,13 @@ def test_a_0_1_database_with_plain_text_tokens_needs_a_key_then_is_encrypted(pro
 
     config.write_text(with_key)
     listed = funnelgate("credentials", "list", "--config", str(config))
-    assert listed.returncode == 0 and listed.stdout.startswith(
-        "p1\tu1\tupdated 2023-11-14T22:13:20"
-    )
+    assert listed.returncode == 0, listed.stderr
+    [migrated] = table_rows(listed.stdout)  # the user's one token: now its default credential
+    assert uuid.UUID(migrated.pop("ID")).version == 4
+    assert migrated.pop("UPDATED").startswith("2023-11-14T22:13:20")
+    assert migrated.pop("KEY") != "-"
+    assert migrated == {"PROJECT": "p1", "USER": "u1", "EXTERNAL_ID": "-", "LABEL": "-",
+                        "DEFAULT": "true", "STATUS": "valid", "REFUSED": "-", "LAST_USED": "-"}  # fmt: skip
     assert_private_and_sealed(db, ["EAAB-from-0.1"], all_three=False)
 
 
@@ -488,6 +493,12 @@ def test_the_app_leaves_the_collector_alone(config):
     gc.unfreeze()
     with TestClient(create_app(config)):
         assert gc.get_freeze_count() == 0
+
+
+def table_rows(listed: str) -> list[dict[str, str]]:
+    """`credentials list`'s rows, each by its header's names."""
+    header, *lines = [line.split("\t") for line in listed.splitlines()]
+    return [dict(zip(header, line, strict=True)) for line in lines]
 
 
 def _found(pattern: str, text: str, flags: int = 0) -> str:
