@@ -294,7 +294,7 @@ def _token(args: argparse.Namespace) -> int:
 def _credentials_set(args: argparse.Namespace) -> int:
     config = _config(args)
     project = _project_id(config, args.project)
-    credential_id = _uuid(args.credential_id) if args.credential_id else None
+    credential_id = _uuid(args.credential_id) if args.credential_id is not None else None
     if args.access_token_file == "-":  # noqa: S105 - the stdin marker, not a secret
         token = sys.stdin.read().strip()
     else:
@@ -337,7 +337,7 @@ def _uuid(value: str) -> str:
 
 def _credentials_list(args: argparse.Namespace) -> int:
     config = _config(args)
-    project = _project_id(config, args.project) if args.project else None
+    project = _project_id(config, args.project) if args.project is not None else None
     with contextlib.closing(_unverified(config)) as store:
         found = store.list(project, args.user)
     if args.json:
@@ -396,11 +396,11 @@ def _credentials_remove(args: argparse.Namespace) -> int:
     config = _config(args)
     project = _project_id(config, args.project)
     with contextlib.closing(_unverified(config)) as store:
-        if args.credential_id:
+        if args.credential_id is not None:
             chosen = [store.by_id(project, _uuid(args.credential_id))]
-        elif args.user and args.external_id:
+        elif args.user is not None and args.external_id is not None:
             chosen = [store.find(project, args.user, EXTERNAL + args.external_id)]
-        elif args.user:
+        elif args.user is not None:
             chosen = list(store.list(project, args.user))
         else:
             raise ConfigError("name the credential: --credential-id, or --user (and --external-id)")
@@ -575,7 +575,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], widths: Seque
 
 def _events_list(args: argparse.Namespace) -> int:
     config = _config(args)
-    project = _project_id(config, args.project) if args.project else None
+    project = _project_id(config, args.project) if args.project is not None else None
     if args.status is not None and args.status not in outbox.STATUSES:
         raise UsageError(f"--status must be one of {', '.join(outbox.STATUSES)}")
     since = parse_since(args.since, time.time()) if args.since else None
@@ -633,7 +633,7 @@ def _list_row(row: EventStatus) -> tuple[object, ...]:
 
 def _events_stats(args: argparse.Namespace) -> int:
     config = _config(args)
-    project = _project_id(config, args.project) if args.project else None
+    project = _project_id(config, args.project) if args.project is not None else None
     with contextlib.closing(_outbox_db(config)) as db:
         counts = outbox.stats(db, project_id=project)
     now = time.time()
@@ -676,7 +676,7 @@ def _age(at: float | None, now: float) -> str:
 
 def _events_replay(args: argparse.Namespace) -> int:
     config = _config(args)
-    project = _project_id(config, args.project) if args.project else None
+    project = _project_id(config, args.project) if args.project is not None else None
     ids = list(dict.fromkeys(args.event_id or ()))  # each id once, in the order given
     projects = [project] if project else list(config.projects)
     now = time.time()

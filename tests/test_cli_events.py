@@ -499,6 +499,7 @@ def test_credentials_remove_fails_held_events_even_in_a_project_with_its_own_tok
         (("list", "--project", "nope"), "project 'nope' is not in the config"),
         (("stats", "--project", "nope"), "project 'nope' is not in the config"),
         (("replay", "--all-failed", "--project", "nope"), "project 'nope' is not in the config"),
+        (("replay", "--all-failed", "--project", ""), "project '' is not in the config"),
         (("list",), "no events matched"),
         (("list", "--status", "failed", "--json"), "no events matched"),
         (("replay", "--all-failed"), "no failed events matched"),
