@@ -22,7 +22,7 @@ from server import cli
 from server.cli import human_age, main, parse_since
 from server.config import load_config
 from server.storage import outbox
-from server.storage.credentials import Credential, open_credentials
+from server.storage.credentials import Credential, mark_invalid, open_credentials
 from server.storage.crypto import add_secret_key
 from server.storage.writer import connect
 from tests.support import public_pem
@@ -434,6 +434,73 @@ def test_credentials_set_resumes_that_credentials_held_events(capsys, config_pat
                        "p1", "--user", "u1", "--credential-id", mine.id, "--access-token-file",
                        str(config_path.parent / "token.txt"))  # fmt: skip
     assert code == 0 and out.endswith("; no held events resumed\n")
+
+
+def test_credentials_set_on_the_same_credential_replaces_its_token_and_makes_it_valid(
+    capsys, config_path: Path, db
+):
+    """Named by id or by external id: the same credential (id, label, default kept), the new
+    token, `valid` again, and only its own held events resumed."""
+    agency = stored(config_path, token="EAAB-agency-old", external_id="acct-a", label="Agency")
+    brand = stored(config_path, token="EAAB-brand-old")
+    refusal = {**REFUSED, "upstream": {"code": 190}}
+    for credential in (agency, brand):
+        mark_invalid(db, "p1", credential.id, refusal)
+    agency_events = held(db, 2, prefix="agency", credential=agency.id)
+    brand_events = held(db, prefix="brand", credential=brand.id)
+    config = str(config_path)
+
+    code, out, err = run(capsys, "credentials", "set", "--config", config, "--project", "p1",
+                         "--user", "u1", "--external-id", "acct-a", "--access-token-file",
+                         token_file(config_path, "EAAB-agency-new"))  # fmt: skip
+    assert code == 0, err
+    assert out == (
+        f"replaced the access token of credential {agency.id} (user 'u1', project 'p1', "
+        "default; encrypted); 2 held event(s) resumed\n"
+    )
+    assert statuses(db, agency_events + brand_events) == ["queued", "queued", "held"]
+    now = current(config_path, agency.id, brand.id)
+    assert now[agency.id] == ("EAAB-agency-new", "valid", None, "acct-a", "Agency", True)
+    assert now[brand.id] == ("EAAB-brand-old", "invalid", refusal, None, None, False)
+
+    code, out, err = run(capsys, "credentials", "set", "--config", config, "--project", "p1",
+                         "--user", "u1", "--credential-id", brand.id.upper(),
+                         "--access-token-file", token_file(config_path, "EAAB-brand-new"))  # fmt: skip
+    assert code == 0, err
+    assert out == (
+        f"replaced the access token of credential {brand.id} (user 'u1', project 'p1'; "
+        "encrypted); 1 held event(s) resumed\n"
+    )
+    assert statuses(db, brand_events) == ["queued"]
+    assert current(config_path, brand.id)[brand.id][:3] == ("EAAB-brand-new", "valid", None)
+    assert db.execute("SELECT count(*) FROM credentials").fetchone()[0] == 2
+
+
+def test_credentials_set_never_takes_another_users_credential(capsys, config_path: Path, db):
+    theirs = stored(config_path, user="u2", token="EAAB-theirs")
+    code, out, err = run(capsys, "credentials", "set", "--config", str(config_path), "--project",
+                         "p1", "--user", "u1", "--credential-id", theirs.id,
+                         "--access-token-file", token_file(config_path, "EAAB-mine"))  # fmt: skip
+    assert (code, out) == (2, "")
+    assert err == f"funnelgate: credential {theirs.id} belongs to another user\n"
+    assert current(config_path, theirs.id)[theirs.id][:2] == ("EAAB-theirs", "valid")
+
+
+def token_file(config_path: Path, token: str) -> str:
+    path = config_path.parent / "token.txt"
+    path.write_text(token + "\n")
+    return str(path)
+
+
+def current(config_path: Path, *ids: str) -> dict[str, tuple[Any, ...]]:
+    """Each credential's token, status, refusal, external id, label and default flag."""
+    with closing(open_credentials(load_config(config_path, {}).storage)) as store:
+        found = {i: store.by_id("p1", i) for i in ids}
+        return {
+            i: (store.open("p1", c), c.status, c.status_error, c.external_id, c.label, c.default)
+            for i, c in found.items()
+            if c is not None
+        }
 
 
 def test_credentials_set_resumes_more_held_events_than_one_batch(capsys, config_path: Path, db):
