@@ -27,7 +27,6 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from server.config import Config, load_config
-from server.delivery.dispatcher import CREDENTIAL_REMOVED
 from server.errors import ConfigError
 from server.storage import outbox
 from server.storage.credentials import (
@@ -97,14 +96,22 @@ def _parser() -> argparse.ArgumentParser:
         help="store an access token (from a file, or - for stdin) as one of a user's "
         "credentials: a new one, or the one --credential-id or --external-id names",
     )
-    list_ = actions.add_parser("list", help="list stored credentials (never prints tokens)")
+    list_ = actions.add_parser(
+        "list", help="id, external id, label, default, status, last use (never the token)"
+    )
     remove = actions.add_parser(
-        "remove", help="delete a credential (by id, by external id, or all of a user's)"
+        "remove",
+        help="delete a credential (by id, or a user's by external id, or all of a user's); "
+        "its held events fail",
     )
     for sub in (set_, list_, remove):
         _config_arg(sub)
-        sub.add_argument("--project", required=sub is not list_)
-        sub.add_argument("--user", required=sub is set_)
+    set_.add_argument("--project", required=True)
+    set_.add_argument("--user", required=True, help="the connected user (the user token's sub)")
+    list_.add_argument("--project", help="one project's (default: all)")
+    list_.add_argument("--user", help="one user's (default: all)")
+    remove.add_argument("--project", required=True)
+    remove.add_argument("--user", help="whose credential it is; alone: all of the user's")
     set_.add_argument(
         "--access-token-file",
         required=True,
@@ -112,11 +119,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     for sub in (set_, remove):
         which = sub.add_mutually_exclusive_group()
-        which.add_argument("--credential-id", help="the credential's id, a UUID")
-        which.add_argument("--external-id", help="your own id for it (ext:<id> in the header)")
+        which.add_argument(
+            "--credential-id",
+            help="the credential's id, a UUID" + (" (default: a new one)" if sub is set_ else ""),
+        )
+        which.add_argument(
+            "--external-id",
+            help="your own id for the credential, unique per user (header: ext:<id>)"
+            + ("; needs --user" if sub is remove else ""),
+        )
     set_.add_argument("--label", help="a name to tell the user's credentials apart")
     set_.add_argument(
-        "--default", action="store_true", help="calls without X-Paragon-Credential use it"
+        "--default",
+        action="store_true",
+        help="calls without X-Paragon-Credential use it (a user's first credential is default)",
     )
     list_.add_argument("--json", action="store_true", help="one JSON object per line")
     set_.set_defaults(handler=_credentials_set)
@@ -295,7 +311,8 @@ def _token(args: argparse.Namespace) -> int:
 def _credentials_set(args: argparse.Namespace) -> int:
     config = _config(args)
     project = _project_id(config, args.project)
-    credential_id = _uuid(args.credential_id) if args.credential_id else None
+    credential_id = _uuid(args.credential_id) if args.credential_id is not None else None
+    _check_names(args.external_id, args.label)
     if args.access_token_file == "-":  # noqa: S105 - the stdin marker, not a secret
         token = sys.stdin.read().strip()
     else:
@@ -305,10 +322,6 @@ def _credentials_set(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot read {args.access_token_file} ({exc.strerror})") from None
     if not token:
         raise ConfigError("the access token is empty")
-    for name in ("external_id", "label"):
-        value = getattr(args, name)
-        if value is not None and not 0 < len(value) <= MAX_SELECTOR - len(EXTERNAL):
-            raise ConfigError(f"--{name.replace('_', '-')} must be 1 to 196 characters")
     with contextlib.closing(open_credentials(config.storage)) as store:
         stored, new = store.set(
             project, args.user, token,
@@ -329,48 +342,68 @@ def _credentials_set(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_NAME = MAX_SELECTOR - len(EXTERNAL)  # an external id, and a label: `ext:<id>` fits a header
+
+
+def _check_names(external_id: str | None, label: str | None) -> None:
+    """An external id X-Paragon-Credential can carry as `ext:<id>` (the server reads the
+    header as latin-1 and strips it: anything else could be stored but never selected), and a
+    label `list` can print in one cell."""
+    if external_id is not None and not (
+        0 < len(external_id) <= MAX_NAME and external_id.isascii() and external_id.isprintable()
+        and external_id == external_id.strip()
+    ):  # fmt: skip
+        raise UsageError(
+            f"--external-id must be 1 to {MAX_NAME} printable ASCII characters, without "
+            "spaces at either end (X-Paragon-Credential carries it as ext:<id>)"
+        )
+    if label is not None and not (0 < len(label) <= MAX_NAME and label.isprintable()):
+        raise UsageError(f"--label must be 1 to {MAX_NAME} printable characters")
+
+
 def _uuid(value: str) -> str:
+    """A UUID in its canonical form: the header names the credential by that exact text."""
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise ConfigError("--credential-id must be a UUID") from None
+        raise UsageError("--credential-id must be a UUID") from None
 
 
 def _credentials_list(args: argparse.Namespace) -> int:
     config = _config(args)
-    project = _project_id(config, args.project) if args.project else None
+    project = _project_id(config, args.project) if args.project is not None else None
     with contextlib.closing(_unverified(config)) as store:
         found = store.list(project, args.user)
+    if not found:
+        print("funnelgate: no credentials matched", file=sys.stderr)
+        return 1
     if args.json:
         for credential in found:
             print(orjson.dumps(_public(credential)).decode())
         return 0
-    if found:
-        print("\t".join(name.upper() for name in CREDENTIAL_COLUMNS))
+    print("\t".join(name.upper() for name in CREDENTIAL_COLUMNS))
     for credential in found:
         row = _public(credential)
         print("\t".join(_shown(row[name]) for name in CREDENTIAL_COLUMNS))
     return 0
 
 
-CREDENTIAL_COLUMNS = ("project", "user", "id", "external_id", "label", "default", "status", "refused",
-                "last_used", "updated", "key")  # fmt: skip
+CREDENTIAL_COLUMNS = (
+    "project", "user", "id", "external_id", "label", "default", "status", "refused", "last_used",
+    "updated", "key",
+)  # fmt: skip
 
 
 def _shown(value: Any) -> str:
+    """A table cell: `-` for none, and nothing a terminal would act on (a tab splits cells)."""
     if value is None:
         return "-"
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _public(credential: Credential) -> dict[str, Any]:
     """What `list` shows of a credential: ids, state, Meta's refusal; never the token."""
-
-    def moment(seconds: int | None) -> str | None:
-        if seconds is None:
-            return None
-        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
-
     error = credential.status_error or {}
     return {
         "project": credential.project_id,
@@ -381,28 +414,39 @@ def _public(credential: Credential) -> dict[str, Any]:
         "default": credential.default,
         "status": credential.status,
         "refused": (error.get("upstream") or {}).get("code") if error else None,
-        "last_used": moment(credential.last_used_at),
-        "updated": moment(credential.updated_at),
+        "last_used": None if credential.last_used_at is None else _iso(credential.last_used_at),
+        "updated": _iso(credential.updated_at),
         "key": credential.key_id,
         "error": error or None,
     }
 
 
 def _credentials_remove(args: argparse.Namespace) -> int:
+    # Imported here: it brings the Graph client along, and the CLI starts twice as fast.
+    from server.delivery.dispatcher import CREDENTIAL_REMOVED  # noqa: PLC0415
+
     config = _config(args)
     project = _project_id(config, args.project)
+    if args.external_id is not None and args.user is None:
+        raise UsageError("--external-id needs --user: external ids are unique per user")
+    if args.credential_id is None and args.user is None:
+        raise UsageError("name the credentials: --credential-id, or --user (with --external-id)")
+    _check_names(args.external_id, None)
+    credential_id = _uuid(args.credential_id) if args.credential_id is not None else None
     with contextlib.closing(_unverified(config)) as store:
-        if args.credential_id:
-            chosen = [store.by_id(project, _uuid(args.credential_id))]
-        elif args.user and args.external_id:
-            chosen = [store.find(project, args.user, EXTERNAL + args.external_id)]
-        elif args.user:
-            chosen = list(store.list(project, args.user))
+        if credential_id is not None:
+            found = store.by_id(project, credential_id)
+            chosen = [found] if found and args.user in (None, found.user_id) else []
+        elif args.external_id is not None:
+            found = store.find(project, args.user, EXTERNAL + args.external_id)
+            chosen = [found] if found else []
         else:
-            raise ConfigError("name the credential: --credential-id, or --user (and --external-id)")
-        removed = [c for c in chosen if c is not None and store.remove(project, c.id)]
+            chosen = store.list(project, args.user)
+        removed = [credential for credential in chosen if store.remove(project, credential.id)]
+        heirs = [store.find(project, c.user_id) for c in removed if c.default]
     if not removed:
-        print("no such credential", file=sys.stderr)
+        missing = _missing(credential_id, args.external_id, args.user)
+        print(f"funnelgate: {missing} in project {project!r}", file=sys.stderr)
         return 1
     for credential in removed:
         failed = _settle_held(
@@ -416,7 +460,20 @@ def _credentials_remove(args: argparse.Namespace) -> int:
             f"removed credential {credential.id} of user {credential.user_id!r}; "
             f"{_held_events(failed)} failed ({CREDENTIAL_REMOVED['code']})"
         )
+    for heir in heirs:
+        if heir is not None:  # calls without X-Paragon-Credential go with it from now on
+            print(f"credential {heir.id} is now the default of user {heir.user_id!r}")
     return 0
+
+
+def _missing(credential_id: str | None, external_id: str | None, user: str | None) -> str:
+    """What `remove` did not find, as it was asked for."""
+    of_user = "" if user is None else f" of user {user!r}"
+    if credential_id is not None:
+        return f"no credential {credential_id}{of_user}"
+    if external_id is not None:
+        return f"no credential ext:{external_id}{of_user}"
+    return f"no credentials{of_user}"
 
 
 def _settle_held(config: Config, step: Callable[[sqlite3.Connection, int], int]) -> int:
@@ -571,7 +628,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], widths: Seque
 
 def _events_list(args: argparse.Namespace) -> int:
     config = _config(args)
-    project = _project_id(config, args.project) if args.project else None
+    project = _project_id(config, args.project) if args.project is not None else None
     if args.status is not None and args.status not in outbox.STATUSES:
         raise UsageError(f"--status must be one of {', '.join(outbox.STATUSES)}")
     since = parse_since(args.since, time.time()) if args.since else None
@@ -629,7 +686,7 @@ def _list_row(row: EventStatus) -> tuple[object, ...]:
 
 def _events_stats(args: argparse.Namespace) -> int:
     config = _config(args)
-    project = _project_id(config, args.project) if args.project else None
+    project = _project_id(config, args.project) if args.project is not None else None
     with contextlib.closing(_outbox_db(config)) as db:
         counts = outbox.stats(db, project_id=project)
     now = time.time()
@@ -672,7 +729,7 @@ def _age(at: float | None, now: float) -> str:
 
 def _events_replay(args: argparse.Namespace) -> int:
     config = _config(args)
-    project = _project_id(config, args.project) if args.project else None
+    project = _project_id(config, args.project) if args.project is not None else None
     ids = list(dict.fromkeys(args.event_id or ()))  # each id once, in the order given
     projects = [project] if project else list(config.projects)
     now = time.time()

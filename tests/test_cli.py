@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -15,6 +18,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from server.config import load_config
+from server.storage.credentials import mark_invalid, open_credentials, write_uses
 from server.storage.crypto import add_secret_key, new_secret_key
 from tests.live import serving
 from tests.support import WallClockGraph as FakeGraphServer
@@ -137,6 +142,200 @@ def test_credentials_set_list_remove_never_print_the_token(project_dir: Path):
     assert [line.split("\t")[1] for line in listed.stdout.splitlines()] == ["USER", "u2"]
     unknown = funnelgate("credentials", "list", "--config", config, "--project", "nope")
     assert unknown.returncode == 2 and "not in the config" in unknown.stderr
+
+
+def credentials(
+    project_dir: Path, action: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`funnelgate credentials ACTION` on project p1 of `project_dir`'s config."""
+    return funnelgate("credentials", action, "--config", str(project_dir / "funnelgate.toml"),
+                      "--project", "p1", *args, stdin=stdin)  # fmt: skip
+
+
+def set_token(project_dir: Path, user: str, token: str, *args: str) -> str:
+    """`credentials set` with the token on stdin; the id it printed."""
+    result = credentials(project_dir, "set", "--user", user, "--access-token-file", "-", *args,
+                         stdin=token)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return _found(r"credential ([0-9a-f-]{36}) \(", result.stdout)
+
+
+def listed(project_dir: Path, *args: str) -> list[dict[str, str]]:
+    result = credentials(project_dir, "list", *args)
+    assert result.returncode == 0, result.stderr
+    return table_rows(result.stdout)
+
+
+def test_credentials_set_makes_a_credential_with_a_new_uuid_and_prints_it(project_dir: Path):
+    first = credentials(project_dir, "set", "--user", "u1", "--access-token-file", "-",
+                        stdin="EAAB-first")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    made = _found(r"^stored the access token of credential (\S+) ", first.stdout)
+    assert uuid.UUID(made).version == 4 and str(uuid.UUID(made)) == made
+    assert first.stdout == (
+        f"stored the access token of credential {made} (user 'u1', project 'p1', default; "
+        "encrypted); no held events resumed\n"
+    )
+    second = set_token(project_dir, "u1", "EAAB-second")  # another account: another credential
+    chosen = uuid.uuid4()
+    given = set_token(project_dir, "u1", "EAAB-third", "--credential-id", str(chosen).upper())
+    assert given == str(chosen)  # canonical, as X-Paragon-Credential will name it
+    assert len({made, second, given}) == 3
+    assert {row["ID"]: row["DEFAULT"] for row in listed(project_dir)} == {
+        made: "true", second: "false", given: "false",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("set", "--credential-id", "not-a-uuid"), "--credential-id must be a UUID"),
+        (("set", "--credential-id", ""), "--credential-id must be a UUID"),
+        (("set", "--credential-id", "ext:acct-a"), "--credential-id must be a UUID"),
+        (("remove", "--credential-id", "1234"), "--credential-id must be a UUID"),
+        (("remove", "--user", "u1", "--credential-id", ""), "--credential-id must be a UUID"),
+        (("set", "--external-id", "line\nbreak"), "--external-id must be 1 to 196 printable ASCII"),
+        (("set", "--external-id", " padded"), "without spaces at either end"),
+        (("set", "--external-id", "josé@example.com"), "printable ASCII characters"),
+        (("set", "--external-id", "x" * 197), "--external-id must be 1 to 196"),
+        (("set", "--external-id", ""), "--external-id must be 1 to 196"),
+        (("set", "--label", "tab\there"), "--label must be 1 to 196 printable characters"),
+        (("set", "--label", "x" * 197), "--label must be 1 to 196 printable characters"),
+        (("remove", "--external-id", "acct-a"), "--external-id needs --user"),
+        (("remove", "--user", "u1", "--external-id", ""), "--external-id must be 1 to 196"),
+        (("remove",), "name the credentials: --credential-id, or --user"),
+    ],
+)
+def test_bad_credential_options_are_one_line_and_change_nothing(project_dir: Path, args, message):
+    config = load_config(project_dir / "funnelgate.toml", {})
+    with closing(open_credentials(config.storage)) as store:
+        kept, _ = store.set("p1", "u1", "EAAB-kept")
+    action, *rest = args
+    token = ("--user", "u1", "--access-token-file", "-") if action == "set" else ()
+    result = credentials(project_dir, action, *token, *rest, stdin="EAAB-never-stored")
+    assert (result.returncode, result.stdout) == (2, "")
+    [line] = result.stderr.splitlines()
+    assert line.startswith("funnelgate: ") and message in line, line
+    assert "EAAB" not in line
+    with closing(open_credentials(config.storage)) as store:
+        assert store.list() == [kept]
+
+
+def backdate(project_dir: Path, seconds_ago: dict[str, int]) -> None:
+    """Sets credentials' updated_at, so "the most recently updated" is not a tie."""
+    db = sqlite3.connect(project_dir / "funnelgate.db")
+    with closing(db), db:
+        db.executemany(
+            "UPDATE credentials SET updated_at = ? WHERE credential_id = ?",
+            [(int(time.time()) - ago, credential) for credential, ago in seconds_ago.items()],
+        )
+
+
+def test_the_first_credential_is_the_default_until_another_is_made_it(project_dir: Path):
+    def defaults() -> dict[str, str]:
+        return {row["ID"]: row["DEFAULT"] for row in listed(project_dir, "--user", "u1")}
+
+    first = set_token(project_dir, "u1", "EAAB-a")
+    second = set_token(project_dir, "u1", "EAAB-b")
+    third = set_token(project_dir, "u1", "EAAB-c", "--default", "--label", "Brand")
+    other = set_token(project_dir, "u2", "EAAB-d")  # another user's: its own default
+    assert defaults() == {first: "false", second: "false", third: "true"}
+    moved = set_token(project_dir, "u1", "EAAB-a2", "--credential-id", first, "--default")
+    assert moved == first and defaults() == {first: "true", second: "false", third: "false"}
+
+    # Removing the default promotes the most recently updated other one, not the oldest.
+    backdate(project_dir, {first: 300, second: 100, third: 200})
+    removed = credentials(project_dir, "remove", "--credential-id", first)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.splitlines() == [
+        f"removed credential {first} of user 'u1'; no held events failed (INTEGRATION_NOT_ENABLED)",
+        f"credential {second} is now the default of user 'u1'",
+    ]
+    assert defaults() == {second: "true", third: "false"}
+    removed = credentials(project_dir, "remove", "--credential-id", third)  # not the default
+    assert removed.returncode == 0 and len(removed.stdout.splitlines()) == 1
+    assert defaults() == {second: "true"}
+    assert [(row["ID"], row["DEFAULT"]) for row in listed(project_dir, "--user", "u2")] == [
+        (other, "true")
+    ]
+
+
+def test_list_shows_ids_labels_default_status_and_last_use_never_the_token(project_dir: Path):
+    tokens = ["EAAB-listed-secret-a1", "EAAB-listed-secret-b2"]
+    agency = set_token(project_dir, "u1", tokens[0], "--external-id", "acct-a", "--label",
+                       "Agency BM")  # fmt: skip
+    brand = set_token(project_dir, "u1", tokens[1])
+    refusal = {"code": "CREDENTIAL_REFUSED", "message": "Meta refused the access token.",
+               "upstream": {"code": 190, "error_subcode": 463, "fbtrace_id": "AbC"}}  # fmt: skip
+    db = sqlite3.connect(project_dir / "funnelgate.db")
+    with closing(db), db:
+        mark_invalid(db, "p1", brand, refusal)
+        write_uses(db, [(1_800_000_000, "p1", agency)])
+
+    text = credentials(project_dir, "list")
+    rows = table_rows(text.stdout)
+    assert text.stdout.splitlines()[0] == (
+        "PROJECT\tUSER\tID\tEXTERNAL_ID\tLABEL\tDEFAULT\tSTATUS\tREFUSED\tLAST_USED\tUPDATED\tKEY"
+    )
+    shown = ("ID", "EXTERNAL_ID", "LABEL", "DEFAULT", "STATUS", "REFUSED", "LAST_USED")
+    assert {row["ID"]: {name: row[name] for name in shown[1:]} for row in rows} == {
+        agency: {"EXTERNAL_ID": "acct-a", "LABEL": "Agency BM", "DEFAULT": "true",
+                 "STATUS": "valid", "REFUSED": "-", "LAST_USED": "2027-01-15T08:00:00Z"},
+        brand: {"EXTERNAL_ID": "-", "LABEL": "-", "DEFAULT": "false",
+                "STATUS": "invalid", "REFUSED": "190", "LAST_USED": "-"},
+    }  # fmt: skip
+
+    as_json = credentials(project_dir, "list", "--json")
+    objects = {o["id"]: o for o in map(json.loads, as_json.stdout.splitlines())}
+    assert len(objects) == len(as_json.stdout.splitlines()) == 2  # one object per line
+    assert objects[agency]["default"] is True
+    assert objects[agency]["last_used"] == "2027-01-15T08:00:00Z"
+    assert objects[brand]["status"] == "invalid" and objects[brand]["error"] == refusal
+    assert set(objects[brand]) == {
+        "project", "user", "id", "external_id", "label", "default", "status", "refused",
+        "last_used", "updated", "key", "error",
+    }  # fmt: skip
+
+    one_user = credentials(project_dir, "list", "--user", "u2")
+    assert (one_user.returncode, one_user.stdout) == (1, "")
+    assert one_user.stderr == "funnelgate: no credentials matched\n"
+    for result in (text, as_json, one_user):
+        for token in tokens:
+            assert token not in result.stdout + result.stderr
+
+
+def test_remove_by_id_by_external_id_or_all_of_a_users(project_dir: Path):
+    a = set_token(project_dir, "u1", "EAAB-a", "--external-id", "acct-a")
+    b = set_token(project_dir, "u1", "EAAB-b", "--external-id", "acct-b")
+    c = set_token(project_dir, "u1", "EAAB-c")
+    e = set_token(project_dir, "u1", "EAAB-e", "--label", "Brand")
+    d = set_token(project_dir, "u2", "EAAB-d", "--external-id", "acct-a")  # same ext, other user
+
+    def ids() -> set[str]:
+        return {row["ID"] for row in listed(project_dir)}
+
+    def gone(*args: str) -> str:
+        result = credentials(project_dir, "remove", *args)
+        assert result.returncode == 0, result.stderr
+        return _found(r"^removed credential (\S+) ", result.stdout, re.M)
+
+    assert gone("--user", "u1", "--external-id", "acct-a") == a and ids() == {b, c, d, e}
+    assert gone("--credential-id", b) == b and ids() == {c, d, e}
+    stray = str(uuid.uuid4())
+    for args, message in [
+        (("--credential-id", d, "--user", "u1"), f"no credential {d} of user 'u1'"),
+        (("--credential-id", stray), f"no credential {stray}"),
+        (("--user", "u1", "--external-id", "acct-b"), "no credential ext:acct-b of user 'u1'"),
+        (("--user", "u3"), "no credentials of user 'u3'"),
+    ]:
+        unknown = credentials(project_dir, "remove", *args)
+        assert (unknown.returncode, unknown.stdout) == (1, ""), args
+        assert unknown.stderr == f"funnelgate: {message} in project 'p1'\n"
+    all_of_u1 = credentials(project_dir, "remove", "--user", "u1")
+    assert all_of_u1.returncode == 0, all_of_u1.stderr
+    assert set(re.findall(r"^removed credential (\S+) ", all_of_u1.stdout, re.M)) == {c, e}
+    assert "now the default" not in all_of_u1.stdout
+    assert ids() == {d}
 
 
 def test_first_run_without_config_prints_a_curl_that_the_sandbox_accepts(tmp_path: Path):
@@ -316,7 +515,6 @@ def test_forwarded_headers_are_believed_only_from_trusted_proxies(project_dir: P
     import uvicorn
 
     from server.cli import uvicorn_config
-    from server.config import load_config
 
     path = project_dir / "funnelgate.toml"
     path.write_text(
@@ -411,8 +609,8 @@ def test_tokens_are_encrypted_in_every_file_and_rotate_while_serving(project_dir
                 f"re-encrypted 2 access token(s) with secret key {new_id}; keys in use: {new_id}."
                 in rotated.stdout
             )
-            listed = funnelgate("credentials", "list", "--config", str(config)).stdout.splitlines()
-            assert [line.rsplit("\t", 1)[1] for line in listed] == [f"key {new_id}"] * 2
+            listed = funnelgate("credentials", "list", "--config", str(config)).stdout
+            assert [row["KEY"] for row in table_rows(listed)] == [new_id] * 2
             assert (send_as("u1"), send_as("u2")) == (first, second)
             assert_private_and_sealed(db, [first, second], all_three=True)
         finally:
@@ -435,7 +633,7 @@ def test_serve_refuses_to_start_without_the_key_that_sealed_the_tokens(project_d
     assert funnelgate("credentials", "set", "--config", str(config), "--project", "p1", "--user", "u1",
                       "--access-token-file", "-", stdin="EAAB-sealed").returncode == 0  # fmt: skip
     listed = funnelgate("credentials", "list", "--config", str(config)).stdout
-    sealed_by = _found(r"key ([0-9a-f]{16})$", listed, re.M)
+    [sealed_by] = [row["KEY"] for row in table_rows(listed)]
     wrong_key = new_secret_key()
 
     wrong = funnelgate("serve", "--config", str(config), "--port", str(free_port()),
@@ -471,9 +669,13 @@ def test_a_0_1_database_with_plain_text_tokens_needs_a_key_then_is_encrypted(pro
 
     config.write_text(with_key)
     listed = funnelgate("credentials", "list", "--config", str(config))
-    assert listed.returncode == 0 and listed.stdout.startswith(
-        "p1\tu1\tupdated 2023-11-14T22:13:20"
-    )
+    assert listed.returncode == 0, listed.stderr
+    [migrated] = table_rows(listed.stdout)  # the user's one token: now its default credential
+    assert uuid.UUID(migrated.pop("ID")).version == 4
+    assert migrated.pop("UPDATED").startswith("2023-11-14T22:13:20")
+    assert migrated.pop("KEY") != "-"
+    assert migrated == {"PROJECT": "p1", "USER": "u1", "EXTERNAL_ID": "-", "LABEL": "-",
+                        "DEFAULT": "true", "STATUS": "valid", "REFUSED": "-", "LAST_USED": "-"}  # fmt: skip
     assert_private_and_sealed(db, ["EAAB-from-0.1"], all_three=False)
 
 
@@ -488,6 +690,12 @@ def test_the_app_leaves_the_collector_alone(config):
     gc.unfreeze()
     with TestClient(create_app(config)):
         assert gc.get_freeze_count() == 0
+
+
+def table_rows(listed: str) -> list[dict[str, str]]:
+    """`credentials list`'s rows, each by its header's names."""
+    header, *lines = [line.split("\t") for line in listed.splitlines()]
+    return [dict(zip(header, line, strict=True)) for line in lines]
 
 
 def _found(pattern: str, text: str, flags: int = 0) -> str:

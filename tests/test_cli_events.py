@@ -22,7 +22,7 @@ from server import cli
 from server.cli import human_age, main, parse_since
 from server.config import load_config
 from server.storage import outbox
-from server.storage.credentials import open_credentials
+from server.storage.credentials import Credential, mark_invalid, open_credentials
 from server.storage.crypto import add_secret_key
 from server.storage.writer import connect
 from tests.support import public_pem
@@ -82,8 +82,10 @@ def add(
     name: str = "Purchase",
     prefix: str = "evt",
     at: float | None = None,
+    credential: str | None = None,
 ) -> list[int]:
-    """`count` queued events accepted at `at`, in one transaction."""
+    """`count` queued events accepted at `at` for `credential` (None: the project's token), in
+    one transaction."""
     now = time.time() if at is None else at
     events = []
     for i in range(count):
@@ -95,7 +97,9 @@ def add(
             "user_data": {"em": [HASHED_EMAIL]},
             "custom_data": {"order_id": MARKER, "value": 12.5, "currency": "EUR"},
         }
-        events.append(outbox.NewEvent(project, user, pixel, None, event, orjson.dumps(event)))
+        events.append(
+            outbox.NewEvent(project, user, credential, pixel, None, event, orjson.dumps(event))
+        )
     db.execute("BEGIN IMMEDIATE")
     seqs = list(outbox.insert(db, outbox.rows_of(events, now=now, next_at=now)))
     db.execute("COMMIT")
@@ -197,8 +201,8 @@ def test_a_callers_id_cannot_drive_the_terminal(capsys, config_path: Path, db):
 def test_no_customer_data_or_token_is_ever_printed(capsys, config_path: Path, db, mixed):
     failed = add(db, 3, prefix="evt-f")
     outbox.mark_failed(db, failed, now=time.time(), error=REJECTED)
-    held = add(db, 2, prefix="evt-h")
-    outbox.mark_held(db, held, now=time.time(), error=REFUSED)
+    credential = stored(config_path, token="EAAB-user-old-token")
+    held(db, 2, prefix="evt-h", credential=credential.id)
     (config_path.parent / "token.txt").write_text("EAAB-user-secret-token")
     config = str(config_path)
     outputs = []
@@ -211,14 +215,17 @@ def test_no_customer_data_or_token_is_ever_printed(capsys, config_path: Path, db
         ("events", "replay", "--config", config, "--event-id", "evt-f-0", "--project", "p1"),
         ("events", "replay", "--config", config, "--all-failed"),
         ("credentials", "set", "--config", config, "--project", "p1", "--user", "u1",
+         "--credential-id", credential.id,
          "--access-token-file", str(config_path.parent / "token.txt")),
+        ("credentials", "list", "--config", config),
+        ("credentials", "list", "--config", config, "--json"),
         ("credentials", "remove", "--config", config, "--project", "p1", "--user", "u1"),
     ):  # fmt: skip
         code, out, err = run(capsys, *args)
         assert code == 0, (args, err)
         outputs.append(out + err)
     printed = "\n".join(outputs)
-    assert "evt-f-1" in printed and "resumed" in printed  # the commands did speak
+    assert "evt-f-1" in printed and "2 held event(s) resumed" in printed  # the commands spoke
     for secret in (MARKER, HASHED_EMAIL, HASHED_EMAIL[:16], "EAAB", "order_id", "user_data"):
         assert secret not in printed
 
@@ -381,79 +388,169 @@ def test_replay_dry_run_changes_nothing(capsys, config_path: Path, db, mixed):
     assert rows(db) == before
 
 
-def test_credentials_set_resumes_that_users_held_events(capsys, config_path: Path, db):
-    mine = add(db, 3, prefix="mine")
-    outbox.mark_held(db, mine, now=time.time() - 60, error=REFUSED)
-    theirs = add(db, user="u2", prefix="theirs")
-    outbox.mark_held(db, theirs, now=time.time() - 60, error=REFUSED)
+def stored(
+    config_path: Path, project: str = "p1", user: str = "u1", token: str = "EAAB-x", **options: Any
+) -> Credential:
+    """A credential as `credentials set` stores it (options: CredentialStore.set's)."""
+    with closing(open_credentials(load_config(config_path, {}).storage)) as store:
+        return store.set(project, user, token, **options)[0]
+
+
+def held(db: sqlite3.Connection, count: int = 1, **options: Any) -> list[int]:
+    """`count` events Meta refused the credential of (options: add's)."""
+    seqs = add(db, count, **options)
+    outbox.mark_held(db, seqs, now=time.time() - 60, error=REFUSED)
+    return seqs
+
+
+def statuses(db: sqlite3.Connection, seqs: list[int]) -> list[str]:
+    return [row(db, seq)["status"] for seq in seqs]
+
+
+def test_credentials_set_resumes_that_credentials_held_events(capsys, config_path: Path, db):
+    mine = stored(config_path)
+    other = stored(config_path, token="EAAB-y")  # the same user's second account
+    theirs = stored(config_path, user="u2")
+    resumed = held(db, 3, prefix="mine", credential=mine.id)
+    untouched = [
+        *held(db, prefix="other", credential=other.id),
+        *held(db, user="u2", prefix="theirs", credential=theirs.id),
+        *held(db, prefix="project"),  # for the project's token
+    ]
     (config_path.parent / "token.txt").write_text("EAAB-new-token\n")
     code, out, err = run(capsys, "credentials", "set", "--config", str(config_path), "--project",
-                         "p1", "--user", "u1", "--access-token-file",
+                         "p1", "--user", "u1", "--credential-id", mine.id, "--access-token-file",
                          str(config_path.parent / "token.txt"))  # fmt: skip
     assert code == 0, err
     assert out == (
-        "stored the access token for user 'u1' in project 'p1' (encrypted); "
-        "3 held event(s) resumed\n"
+        f"replaced the access token of credential {mine.id} (user 'u1', project 'p1', default; "
+        "encrypted); 3 held event(s) resumed\n"
     )
-    for seq in mine:
-        resumed = row(db, seq)
-        assert resumed["status"] == "queued" and resumed["next_at"] <= time.time()
-    assert row(db, theirs[0])["status"] == "held"
+    for seq in resumed:
+        assert row(db, seq)["status"] == "queued" and row(db, seq)["next_at"] <= time.time()
+    assert statuses(db, untouched) == ["held"] * 3
 
     code, out, _ = run(capsys, "credentials", "set", "--config", str(config_path), "--project",
-                       "p1", "--user", "u1", "--access-token-file",
+                       "p1", "--user", "u1", "--credential-id", mine.id, "--access-token-file",
                        str(config_path.parent / "token.txt"))  # fmt: skip
     assert code == 0 and out.endswith("; no held events resumed\n")
 
 
+def test_credentials_set_on_the_same_credential_replaces_its_token_and_makes_it_valid(
+    capsys, config_path: Path, db
+):
+    """Named by id or by external id: the same credential (id, label, default kept), the new
+    token, `valid` again, and only its own held events resumed."""
+    agency = stored(config_path, token="EAAB-agency-old", external_id="acct-a", label="Agency")
+    brand = stored(config_path, token="EAAB-brand-old")
+    refusal = {**REFUSED, "upstream": {"code": 190}}
+    for credential in (agency, brand):
+        mark_invalid(db, "p1", credential.id, refusal)
+    agency_events = held(db, 2, prefix="agency", credential=agency.id)
+    brand_events = held(db, prefix="brand", credential=brand.id)
+    config = str(config_path)
+
+    code, out, err = run(capsys, "credentials", "set", "--config", config, "--project", "p1",
+                         "--user", "u1", "--external-id", "acct-a", "--access-token-file",
+                         token_file(config_path, "EAAB-agency-new"))  # fmt: skip
+    assert code == 0, err
+    assert out == (
+        f"replaced the access token of credential {agency.id} (user 'u1', project 'p1', "
+        "default; encrypted); 2 held event(s) resumed\n"
+    )
+    assert statuses(db, agency_events + brand_events) == ["queued", "queued", "held"]
+    now = current(config_path, agency.id, brand.id)
+    assert now[agency.id] == ("EAAB-agency-new", "valid", None, "acct-a", "Agency", True)
+    assert now[brand.id] == ("EAAB-brand-old", "invalid", refusal, None, None, False)
+
+    code, out, err = run(capsys, "credentials", "set", "--config", config, "--project", "p1",
+                         "--user", "u1", "--credential-id", brand.id.upper(),
+                         "--access-token-file", token_file(config_path, "EAAB-brand-new"))  # fmt: skip
+    assert code == 0, err
+    assert out == (
+        f"replaced the access token of credential {brand.id} (user 'u1', project 'p1'; "
+        "encrypted); 1 held event(s) resumed\n"
+    )
+    assert statuses(db, brand_events) == ["queued"]
+    assert current(config_path, brand.id)[brand.id][:3] == ("EAAB-brand-new", "valid", None)
+    assert db.execute("SELECT count(*) FROM credentials").fetchone()[0] == 2
+
+
+def test_credentials_set_never_takes_another_users_credential(capsys, config_path: Path, db):
+    theirs = stored(config_path, user="u2", token="EAAB-theirs")
+    code, out, err = run(capsys, "credentials", "set", "--config", str(config_path), "--project",
+                         "p1", "--user", "u1", "--credential-id", theirs.id,
+                         "--access-token-file", token_file(config_path, "EAAB-mine"))  # fmt: skip
+    assert (code, out) == (2, "")
+    assert err == f"funnelgate: credential {theirs.id} belongs to another user\n"
+    assert current(config_path, theirs.id)[theirs.id][:2] == ("EAAB-theirs", "valid")
+
+
+def token_file(config_path: Path, token: str) -> str:
+    path = config_path.parent / "token.txt"
+    path.write_text(token + "\n")
+    return str(path)
+
+
+def current(config_path: Path, *ids: str) -> dict[str, tuple[Any, ...]]:
+    """Each credential's token, status, refusal, external id, label and default flag."""
+    with closing(open_credentials(load_config(config_path, {}).storage)) as store:
+        found = {i: store.by_id("p1", i) for i in ids}
+        return {
+            i: (store.open("p1", c), c.status, c.status_error, c.external_id, c.label, c.default)
+            for i, c in found.items()
+            if c is not None
+        }
+
+
 def test_credentials_set_resumes_more_held_events_than_one_batch(capsys, config_path: Path, db):
-    held = add(db, 2100, prefix="lots")
-    outbox.mark_held(db, held, now=time.time(), error=REFUSED)
+    credential = stored(config_path)
+    held(db, 2100, prefix="lots", credential=credential.id)
     (config_path.parent / "token.txt").write_text("EAAB-new-token\n")
     code, out, _ = run(capsys, "credentials", "set", "--config", str(config_path), "--project",
-                       "p1", "--user", "u1", "--access-token-file",
-                       str(config_path.parent / "token.txt"))  # fmt: skip
+                       "p1", "--user", "u1", "--credential-id", credential.id,
+                       "--access-token-file", str(config_path.parent / "token.txt"))  # fmt: skip
     assert code == 0 and out.endswith("; 2,100 held event(s) resumed\n")
     assert db.execute("SELECT count(*) FROM outbox WHERE status = 'held'").fetchone()[0] == 0
 
 
-def test_credentials_remove_fails_that_users_held_events(capsys, config_path: Path, db):
-    open_credentials(load_config(config_path, {}).storage).set("p1", "u1", "EAAB-x")
-    held = add(db, 2, prefix="held")
-    outbox.mark_held(db, held, now=time.time(), error=REFUSED)
-    other = add(db, user="u2", prefix="other")
-    outbox.mark_held(db, other, now=time.time(), error=REFUSED)
+def test_credentials_remove_fails_that_credentials_held_events(capsys, config_path: Path, db):
+    credential = stored(config_path)
+    failed = held(db, 2, prefix="held", credential=credential.id)
+    other = held(db, user="u2", prefix="other", credential=stored(config_path, user="u2").id)
     code, out, err = run(capsys, "credentials", "remove", "--config", str(config_path),
                          "--project", "p1", "--user", "u1")  # fmt: skip
     assert code == 0, err
     assert out == (
-        "removed the credential of user 'u1'; 2 held event(s) failed (INTEGRATION_NOT_ENABLED)\n"
+        f"removed credential {credential.id} of user 'u1'; 2 held event(s) failed "
+        "(INTEGRATION_NOT_ENABLED)\n"
     )
-    for seq in held:
-        failed = row(db, seq)
-        assert failed["status"] == "failed"
-        assert orjson.loads(failed["error"]) == {
+    for seq in failed:
+        assert row(db, seq)["status"] == "failed"
+        assert orjson.loads(row(db, seq)["error"]) == {
             "code": "INTEGRATION_NOT_ENABLED",
             "message": "The credential was removed.",
         }
-    assert row(db, other[0])["status"] == "held"
-    # and they can be replayed once a credential is back
+    assert statuses(db, other) == ["held"]
+    # listed as failed: replayable once a credential of the same id is set again
     code, out, _ = run(capsys, "events", "list", "--config", str(config_path), "--status", "failed")
     assert code == 0 and out.count("INTEGRATION_NOT_ENABLED") == 2
 
 
-def test_credentials_remove_in_a_project_with_its_own_token_resumes_held_events(
+def test_credentials_remove_fails_held_events_even_in_a_project_with_its_own_token(
     capsys, config_path: Path, db
 ):
-    """p2 has a project-wide token: without the user's credential, their events go with it."""
-    open_credentials(load_config(config_path, {}).storage).set("p2", "u1", "EAAB-x")
-    held = add(db, project="p2", prefix="held")
-    outbox.mark_held(db, held, now=time.time(), error=REFUSED)
+    """p2 has a project-wide token, yet an event accepted for a user's credential is never sent
+    with another token: it remembers its credential, which is gone."""
+    credential = stored(config_path, project="p2")
+    mine = held(db, project="p2", prefix="held", credential=credential.id)
+    project_token = held(db, project="p2", prefix="project")
     code, out, _ = run(capsys, "credentials", "remove", "--config", str(config_path),
                        "--project", "p2", "--user", "u1")  # fmt: skip
     assert code == 0
-    assert out.endswith("; 1 held event(s) resumed with the project's access token\n")
-    assert row(db, held[0])["status"] == "queued"
+    assert out.endswith("; 1 held event(s) failed (INTEGRATION_NOT_ENABLED)\n")
+    assert statuses(db, mine) == ["failed"]
+    assert statuses(db, project_token) == ["held"]
 
 
 @pytest.mark.parametrize(
@@ -469,6 +566,7 @@ def test_credentials_remove_in_a_project_with_its_own_token_resumes_held_events(
         (("list", "--project", "nope"), "project 'nope' is not in the config"),
         (("stats", "--project", "nope"), "project 'nope' is not in the config"),
         (("replay", "--all-failed", "--project", "nope"), "project 'nope' is not in the config"),
+        (("replay", "--all-failed", "--project", ""), "project '' is not in the config"),
         (("list",), "no events matched"),
         (("list", "--status", "failed", "--json"), "no events matched"),
         (("replay", "--all-failed"), "no failed events matched"),
