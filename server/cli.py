@@ -36,7 +36,7 @@ from server.storage.credentials import (
     CredentialStore,
     open_credentials,
 )
-from server.storage.outbox import EventStatus
+from server.storage.outbox import CREDENTIAL_REMOVED, EventStatus
 from server.storage.writer import connect
 
 VERSION = version("funnelgate")
@@ -423,7 +423,6 @@ def _public(credential: Credential) -> dict[str, Any]:
 
 def _credentials_remove(args: argparse.Namespace) -> int:
     # Imported here: it brings the Graph client along, and the CLI starts twice as fast.
-    from server.delivery.dispatcher import CREDENTIAL_REMOVED  # noqa: PLC0415
 
     config = _config(args)
     project = _project_id(config, args.project)

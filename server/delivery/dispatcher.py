@@ -46,7 +46,7 @@ from server.delivery.timeouts import AttemptTimeouts
 from server.logs import log
 from server.storage import credentials, idempotency, outbox
 from server.storage.credentials import CredentialStore
-from server.storage.outbox import Claimed, Outbox
+from server.storage.outbox import CREDENTIAL_REMOVED, Claimed, Outbox
 from server.storage.writer import PRUNE_BATCH
 
 CLAIM_LIMIT = 5 * MAX_EVENTS_PER_REQUEST
@@ -65,7 +65,6 @@ RECOUNT_EVERY_SECONDS = 60.0
 
 _EXPIRED = "The event became older than Meta accepts (7 days; 62 for physical_store) first."
 _NO_CREDENTIAL = "Integration not enabled for user."  # ActionKit's words (server/errors.py)
-CREDENTIAL_REMOVED = {"code": "INTEGRATION_NOT_ENABLED", "message": "The credential was removed."}
 # (project, pixel, credential id, access token, app secret, test event code): one request's
 # worth. The credential id is None for the project's token.
 GroupKey = tuple[str, str, str | None, str, str | None, str | None]

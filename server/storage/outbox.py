@@ -66,6 +66,8 @@ CREATE INDEX IF NOT EXISTS outbox_done ON outbox (updated_at)
     WHERE status IN ('delivered', 'failed');
 """
 STATUSES = ("queued", "held", "delivered", "failed")
+# What the pending events of a removed credential fail with (never sent with another token).
+CREDENTIAL_REMOVED = {"code": "INTEGRATION_NOT_ENABLED", "message": "The credential was removed."}
 PENDING = ("queued", "held")
 _COLUMNS = (
     "seq, project_id, user_id, credential_id, event_id, event_name, pixel_id, test_event_code, "
@@ -318,6 +320,8 @@ def _held_where(project_id: str | None, credential_id: str | None) -> str:
     `outbox_held_credential` index rather than a scan (a `? IS NULL OR` condition keeps
     SQLite's planner off the index)."""
     if project_id is None:
+        if credential_id is not None:
+            raise ValueError("a credential's held events need its project")
         return "status = 'held'"
     if credential_id is None:
         return "status = 'held' AND project_id = ?"
