@@ -67,10 +67,15 @@ class Result:
     targets: list[tuple[str, str, bool]] = field(default_factory=list)
 
 
-def _fault_graph() -> Any:
-    """tests/faultgraph.py's FaultGraph (the tests' fake Graph with faults), not yet started."""
+def _repo_on_path() -> None:
+    """The repository's `tests` package importable, however the benchmark was started."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+
+
+def _fault_graph() -> Any:
+    """tests/faultgraph.py's FaultGraph (the tests' fake Graph with faults), not yet started."""
+    _repo_on_path()
     from tests.faultgraph import FaultGraph
 
     return FaultGraph()
@@ -137,6 +142,8 @@ class Gate:
         self, stack: ExitStack, root: Path, graph_url: str, **tables: dict[str, Any]
     ) -> None:
         from server.tokens import mint_user_token
+
+        _repo_on_path()
         from tests.support import config_toml
 
         root.mkdir(parents=True)
