@@ -45,10 +45,9 @@ from server.errors import (
     MethodNotAllowed,
 )
 from server.logs import clip, log
-from server.permissions import Permissions
 from server.responses import error_response, jsonrpc_error_response
 from server.routes import selector_of
-from server.runner import Queued, Runner, unknown_tool
+from server.runner import Access, Queued, Runner, unknown_tool
 from tools.base import JsonAnswer, as_json
 from tools.catalog import Entry, inline_refs
 
@@ -120,7 +119,7 @@ async def _call_tool(
     try:
         answer = await runner.run(
             state.project_obj, state.user_id, name, arguments,
-            selector=state.selector, permissions=state.permissions,
+            access=state.access,
         )  # fmt: skip
     except FunnelgateError as exc:
         state.error_code = exc.code
@@ -165,7 +164,7 @@ def session_manager() -> StreamableHTTPSessionManager:
         if not listing:
             openapi = orjson.loads(request.app.state.openapi_bytes)
             listing.extend(describe_tools(catalog, openapi))
-        permissions: Permissions = request.state.permissions
+        permissions = request.state.access.permissions
         if not permissions.restricted:
             return types.ListToolsResult(tools=listing)
         return types.ListToolsResult(
@@ -249,8 +248,7 @@ class McpEndpoint:
             return
         request.state.project_obj = project
         request.state.user_id = user_id
-        request.state.permissions = permissions
-        request.state.selector = selector
+        request.state.access = Access(selector, permissions)
         try:
             _check_message(await read_json_body(request))
         except FunnelgateError as exc:

@@ -15,7 +15,7 @@ from server.idempotency import Idempotency, derived_ids, fingerprint, parse_key
 from server.listing import FORMATS, as_function, as_paragon
 from server.logs import clip
 from server.responses import json_response
-from server.runner import Preferences, Queued, Runner, status_path
+from server.runner import Access, Preferences, Queued, Runner, status_path
 from server.sandbox import SandboxGraph
 from server.storage import outbox
 from server.storage.credentials import MAX_SELECTOR
@@ -30,6 +30,7 @@ async def _run(request: Request, name_key: str) -> Response:
     prefer, keys, selectors = _headers_of_note(request.scope["headers"])
     key = parse_key(keys)
     selector = _selector(selectors)
+    access = Access(selector, permissions)
     body = await read_json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="INVALID_REQUEST")
@@ -48,11 +49,9 @@ async def _run(request: Request, name_key: str) -> Response:
         if key is not None:
             fp = fingerprint(tool_name, parameters, selector)
             new_id = derived_ids(project.id, user_id, key, fp)
-        shown = runner.dry_run(
-            project, user_id, tool_name, parameters,
-            new_id=new_id, selector=selector, permissions=permissions,
-        )  # fmt: skip
-        return json_response(shown)
+        return json_response(
+            runner.dry_run(project, user_id, tool_name, parameters, new_id=new_id, access=access)
+        )
     sent = parameters  # the request's identity: as sent, before the Accept-driven default
     preferences = _preferences(prefer)
     if (
@@ -69,7 +68,7 @@ async def _run(request: Request, name_key: str) -> Response:
     async def call(new_id: Callable[[], str] | None) -> Response:
         answer = await runner.run(
             project, user_id, tool_name, parameters,
-            prefer=preferences, new_id=new_id, selector=selector, permissions=permissions,
+            prefer=preferences, new_id=new_id, access=access,
         )  # fmt: skip
         if isinstance(answer, Queued):
             return _accepted(project.id, answer, preferences)
@@ -82,7 +81,7 @@ async def _run(request: Request, name_key: str) -> Response:
     if key is None:
         return await call(None)
     if tool_name in runner.catalog:  # a replay answers only what this token may use
-        runner.authorize(project, user_id, tool_name, selector=selector, permissions=permissions)
+        runner.authorize(project, user_id, tool_name, access)
     idempotency: Idempotency = request.app.state.idempotency
     return await idempotency.handle(
         project.id, user_id, key,
@@ -227,7 +226,7 @@ def _csv(request: Request, name: str) -> set[str]:
 
 async def _list(request: Request, keys: tuple[str, ...]) -> Response:
     project, user_id, permissions = authenticate(request)
-    selector = selector_of(request)
+    access = Access(selector_of(request), permissions)
     fmt = request.query_params.get("format", "json_schema")
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of: {', '.join(FORMATS)}.", code="INVALID_REQUEST")
@@ -245,9 +244,7 @@ async def _list(request: Request, keys: tuple[str, ...]) -> Response:
             continue
         if integration.name not in shown:
             shown[integration.name] = (
-                runner.available(
-                    project, user_id, integration.name, selector=selector, permissions=permissions
-                )
+                runner.available(project, user_id, integration.name, access)
                 if limit
                 else permissions.may_use_integration(integration.name)
             )

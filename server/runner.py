@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import orjson
@@ -91,6 +91,17 @@ class Queued:
         return {**body, **_warnings(self.warnings)}
 
 
+class Access(NamedTuple):
+    """What a call may use: the credential it names (ActionKit's X-Paragon-Credential), and
+    its token's JWT Permissions."""
+
+    selector: str | None = None
+    permissions: Permissions = UNRESTRICTED
+
+
+OWN = Access()  # the user's default credential, everything the user has
+
+
 @dataclass(frozen=True, slots=True)
 class Account:
     """The credential a call goes with: one of the user's, or the project's token (None)."""
@@ -150,13 +161,12 @@ class Runner:
         project: Project,
         user_id: str,
         integration: str,
-        *,
-        selector: str | None = None,
-        permissions: Permissions = UNRESTRICTED,
+        access: Access = OWN,
     ) -> Account | None:
         """The credential a call of this user goes with (None: there is none); raises
         CredentialNotFound for a selector that names none of the user's, Forbidden when the
         token may not use it."""
+        selector, permissions = access
         _permit(permissions, integration)
         found = self._credentials.find(project.id, user_id, selector)
         if selector is not None and found is None:
@@ -177,30 +187,24 @@ class Runner:
         project: Project,
         user_id: str,
         tool_name: str,
-        *,
-        selector: str | None = None,
-        permissions: Permissions = UNRESTRICTED,
+        access: Access = OWN,
     ) -> None:
         """The checks a call of the tool passes before any work (an Idempotency-Key replay
         passes them too): the token may use the tool's integration and the credential."""
         integration = self._entry(tool_name).tool.integration.name
-        self.account(project, user_id, integration, selector=selector, permissions=permissions)
+        self.account(project, user_id, integration, access)
 
     def available(
         self,
         project: Project,
         user_id: str,
         integration: str,
-        *,
-        selector: str | None = None,
-        permissions: Permissions = UNRESTRICTED,
+        access: Access = OWN,
     ) -> bool:
         """Whether List Tools' `limit_to_available` shows the integration: a permitted
         credential that Meta has not refused."""
         try:
-            account = self.account(
-                project, user_id, integration, selector=selector, permissions=permissions
-            )
+            account = self.account(project, user_id, integration, access)
         except Forbidden:
             return False
         return account is not None and (
@@ -258,18 +262,14 @@ class Runner:
         *,
         prefer: Preferences = Preferences(),
         new_id: Callable[[], str] | None = None,
-        selector: str | None = None,
-        permissions: Permissions = UNRESTRICTED,
+        access: Access = OWN,
     ) -> Answer | Queued:
         """The tool's answer from Meta's (by default Meta's JSON, unwrapped), or `Queued`.
-        Nothing is sent or queued unless every check passed. `selector` names the user's
-        credential (X-Paragon-Credential); `permissions` are the token's."""
+        Nothing is sent or queued unless every check passed."""
         integration = self._entry(tool_name).tool.integration.name
-        _permit(permissions, integration)  # before any work on the input
+        _permit(access.permissions, integration)  # before any work on the input
         batch = self.prepare(project, tool_name, parameters, new_id=new_id)
-        account = self.account(
-            project, user_id, integration, selector=selector, permissions=permissions
-        )
+        account = self.account(project, user_id, integration, access)
         if account is None:
             raise IntegrationNotEnabled
         if prefer.respond_async or self._config.delivery_mode(project) == "queued":
@@ -419,17 +419,14 @@ class Runner:
         parameters: Any,
         *,
         new_id: Callable[[], str] | None = None,
-        selector: str | None = None,
-        permissions: Permissions = UNRESTRICTED,
+        access: Access = OWN,
     ) -> dict[str, Any]:
         """The exact Graph request the call would make, less credentials, and which
         credential it would go with; sends nothing."""
         integration = self._entry(tool_name).tool.integration.name
-        _permit(permissions, integration)  # before any work on the input
+        _permit(access.permissions, integration)  # before any work on the input
         batch = self.prepare(project, tool_name, parameters, new_id=new_id)
-        account = self.account(
-            project, user_id, integration, selector=selector, permissions=permissions
-        )
+        account = self.account(project, user_id, integration, access)
         return {
             "dry_run": True,
             "integration_enabled": account is not None,
