@@ -1,7 +1,12 @@
-"""Per-user Meta access tokens, keyed by project and user (the JWT `sub`), sealed at rest.
+"""Credentials: the Meta access tokens of connected users (the JWT `sub`), sealed at rest.
 
-One SQLite file in WAL mode: the CLI writes while the server reads. Lookups are a primary-key
-read and one AES-GCM open (microseconds), so the server calls them directly on the event loop.
+A user may have several (ActionKit's Multi Account Authorization,
+https://docs.useparagon.com/apis/api-reference/multi-account-authorization): each has an id
+(a UUID), an optional external id (`ext:<id>`) and label, one is the user's default, and its
+status turns `invalid` when Meta refuses its token.
+
+One SQLite file in WAL mode: the CLI writes while the server reads. Lookups are an index read
+and one AES-GCM open (microseconds), so the server calls them directly on the event loop.
 
 Every file of the database (main, `-wal`, `-shm`) is 0600 from creation: the main file is made
 0600 before SQLite opens it, and SQLite gives its `-wal` and `-shm` the main file's mode
@@ -12,6 +17,7 @@ zeroes what an update or a delete leaves behind (https://www.sqlite.org/pragma.h
 Databases written by funnelgate 0.1 hold tokens in plain text (schema version 0): opening one
 with a secret key configured seals every token, rebuilds the file and empties the WAL, so no
 plain-text copy survives; without a key it is refused with a message that says what to do.
+Version 1 held one sealed token per user; each becomes its user's default credential.
 """
 
 from __future__ import annotations
