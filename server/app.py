@@ -47,6 +47,7 @@ from server.logs import (
     set_request_id,
 )
 from server.mcp_endpoint import McpEndpoint, session_manager
+from server.observe import Observers
 from server.responses import error_response
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
@@ -86,7 +87,10 @@ def create_app(
         credentials = open_credentials(config.storage)
         queue = Outbox(config.storage.database_path, clock=clock)
         transport = graph_transport or AiohttpTransport(graph_settings.max_connections)
-        graph = GraphClient(graph_settings, transport, breakers=Breakers(clock=clock))
+        observers = Observers()  # the metrics and the console's counters listen here
+        graph = GraphClient(
+            graph_settings, transport, breakers=Breakers(clock=clock), observers=observers
+        )
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
         dispatcher = Dispatcher(queue, graph, credentials, config, clock=clock)
         app.state.outbox = queue
@@ -94,6 +98,7 @@ def create_app(
         app.state.runner = Runner(
             catalog, credentials, sender, queue, config,
             graph_url=graph.url, wake_dispatcher=dispatcher.wake, clock=clock,
+            observers=observers,
         )  # fmt: skip
         app.state.mcp = session_manager()
         dispatcher.start()

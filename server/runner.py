@@ -34,9 +34,11 @@ from server.errors import (
     NotFound,
     QueueFull,
     UpstreamAuth,
+    UpstreamError,
     UpstreamUnavailable,
 )
 from server.logs import clip, log
+from server.observe import Observers
 from server.permissions import UNRESTRICTED, Permissions
 from server.storage import credentials, outbox
 from server.storage.credentials import Credential, CredentialStore
@@ -141,6 +143,7 @@ class Runner:
         wake_dispatcher: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = new_event_id,
+        observers: Observers | None = None,
     ) -> None:
         self.catalog = catalog
         self._validators = {
@@ -154,6 +157,7 @@ class Runner:
         self._wake = wake_dispatcher
         self._clock = clock
         self._new_id = new_id
+        self._observers = observers or Observers()
         self._settling: set[asyncio.Task[Any]] = set()
 
     def account(
@@ -275,6 +279,7 @@ class Runner:
         if prefer.respond_async or self._config.delivery_mode(project) == "queued":
             # The token is opened when sending: its credential is what the row keeps.
             await self._enqueue(project.id, user_id, account.credential_id, batch)
+            self._observers.accepted(project.id, batch)
             reason = "requested" if prefer.respond_async else "queued_mode"
             return Queued(batch.event_ids, reason, batch.warnings)
         try:
@@ -285,6 +290,7 @@ class Runner:
         if prefer.wait is not None:
             budget = min(budget, prefer.wait)
         sent = self._sender.submit(delivery, project_id=project.id, budget=budget)
+        self._observers.accepted(project.id, batch)
         try:
             done = await _within(sent, budget)
         except asyncio.CancelledError:
@@ -300,11 +306,14 @@ class Runner:
             await self._enqueue(
                 project.id, user_id, account.credential_id, batch, attempts=attempts, error=error
             )
+            self._observers.retried(project.id, batch.pixel_id, len(batch.events))
             return Queued(batch.event_ids, "meta_unavailable", batch.warnings, error)
-        except UpstreamAuth as exc:
-            if account.credential is not None:
+        except UpstreamError as exc:
+            self._observers.failed(project.id, batch.pixel_id, _names(batch), exc.code)
+            if isinstance(exc, UpstreamAuth) and account.credential is not None:
                 await self._invalidate(project.id, account.credential, exc)
             raise
+        self._observers.delivered(project.id, batch.pixel_id, _names(batch))
         return self.catalog[tool_name].tool.present(
             {**answer, **_warnings(batch.warnings)}, parameters
         )
@@ -354,6 +363,7 @@ class Runner:
         except orjson.JSONEncodeError:
             raise _not_json() from None
         seqs = await self._queue.enqueue(events, next_at=next_at, attempts=attempts, error=error)
+        self._observers.queued(project_id, batch.pixel_id, len(events))
         self._wake()
         return seqs
 
@@ -377,7 +387,7 @@ class Runner:
             raise
 
         def settle(sent: asyncio.Future[dict[str, Any]]) -> None:
-            task = asyncio.ensure_future(self._settle(sent, seqs, project_id))
+            task = asyncio.ensure_future(self._settle(sent, seqs, project_id, batch))
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
 
@@ -385,7 +395,11 @@ class Runner:
         return Queued(batch.event_ids, "meta_unavailable", batch.warnings)
 
     async def _settle(
-        self, sent: asyncio.Future[dict[str, Any]], seqs: list[int], project_id: str
+        self,
+        sent: asyncio.Future[dict[str, Any]],
+        seqs: list[int],
+        project_id: str,
+        batch: EventBatch,
     ) -> None:
         now = self._clock()
         answer = None if sent.cancelled() or sent.exception() else sent.result()
@@ -396,11 +410,13 @@ class Runner:
                     lambda db: outbox.mark_delivered(db, seqs, now=now, fbtrace_id=trace)
                 )
                 self._queue.finished(done)
+                self._observers.delivered(project_id, batch.pixel_id, _names(batch))
             else:  # the dispatcher takes them from here, with its own judgement
                 due = [(seq, now) for seq in seqs]
                 await self._queue.write(
                     lambda db: outbox.reschedule(db, due, now=now, error=None, attempted=True)
                 )
+                self._observers.retried(project_id, batch.pixel_id, len(seqs))
                 self._wake()
         except Exception as exc:  # the lease runs out and the dispatcher sends them
             log("handover_settle_failed", logging.ERROR, project=project_id,
@@ -440,6 +456,10 @@ class Runner:
             "delivery_mode": self._config.delivery_mode(project),
             **_warnings(batch.warnings),
         }
+
+
+def _names(batch: EventBatch) -> list[str]:
+    return [str(event["event_name"]) for event in batch.events]
 
 
 def _permit(permissions: Permissions, integration: str) -> None:

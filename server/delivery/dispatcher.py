@@ -25,7 +25,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -237,23 +237,23 @@ class Dispatcher:
     async def _dispatch(self, rows: list[Claimed], now: float) -> None:
         groups: defaultdict[GroupKey, list[Claimed]] = defaultdict(list)
         tokens: dict[tuple[str, str | None], str | None] = {}
-        expired: list[int] = []
-        orphaned: list[int] = []
-        uncredentialed: list[int] = []  # for the project's token, which is gone
-        removed: list[int] = []  # for a credential that was removed
+        expired: list[Claimed] = []
+        orphaned: list[Claimed] = []
+        uncredentialed: list[Claimed] = []  # for the project's token, which is gone
+        removed: list[Claimed] = []  # for a credential that was removed
         for row in rows:
             project = self._config.projects.get(row.project_id)
             if row.expires_at <= now:
-                expired.append(row.seq)
+                expired.append(row)
             elif project is None:
-                orphaned.append(row.seq)
+                orphaned.append(row)
             else:
                 which = (row.project_id, row.credential_id)
                 if which not in tokens:
                     tokens[which] = self._token(project, row.credential_id)
                 token = tokens[which]
                 if token is None:
-                    (uncredentialed if row.credential_id is None else removed).append(row.seq)
+                    (uncredentialed if row.credential_id is None else removed).append(row)
                     continue
                 key = (row.project_id, row.pixel_id, row.credential_id, token,
                        project.facebook_app_secret, row.test_event_code)  # fmt: skip
@@ -276,22 +276,32 @@ class Dispatcher:
 
     async def _fail(
         self,
-        seqs: list[int],
+        rows: list[Claimed],
         now: float,
         code: str,
         message: str,
         last: dict[str, Any] | None = None,
     ) -> None:
-        if not seqs:
+        if not rows:
             return
         error: dict[str, Any] = {"code": code, "message": message}
         if last and "upstream" in last:
             error["upstream"] = last["upstream"]
+        seqs = [row.seq for row in rows]
         done = await self._queue.write(
             lambda db: outbox.mark_failed(db, seqs, now=now, error=error, attempted=False)
         )
         self._queue.finished(done)
+        self._failed(rows, code)
         log("events_failed", code=code, events=len(seqs))
+
+    def _failed(self, rows: list[Claimed], code: str) -> None:
+        """Tells the observers, per pixel."""
+        by_pixel: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
+        for row in rows:
+            by_pixel[(row.project_id, row.pixel_id)].append(row.event_name)
+        for (project_id, pixel_id), names in by_pixel.items():
+            self._graph.observers.failed(project_id, pixel_id, names, code)
 
     def _spawn(self, key: GroupKey, rows: list[Claimed]) -> None:
         seqs = [row.seq for row in rows]
@@ -338,6 +348,7 @@ class Dispatcher:
                 lambda db: outbox.mark_delivered(db, seqs, now=now, fbtrace_id=trace)
             )
             self._queue.finished(done)
+            self._graph.observers.delivered(project_id, pixel_id, [r.event_name for r in rows])
         elif result.verdict is Verdict.REJECTED and len(rows) > 1:
             # Meta refuses a request whole for one bad event: halve until it stands alone.
             half = len(rows) // 2
@@ -349,6 +360,7 @@ class Dispatcher:
                 lambda db: outbox.mark_failed(db, seqs, now=now, error=error)
             )
             self._queue.finished(done)
+            self._failed(rows, str(error["code"]))
         elif result.verdict is Verdict.AUTH:
             project = self._config.projects.get(project_id)
             if project is not None and self._token(project, credential_id) != token:
@@ -385,17 +397,21 @@ class Dispatcher:
         """Due again at `due_at(row)`; a row Meta would refuse by then fails instead."""
         now = self._clock()
         due: list[tuple[int, float]] = []
-        expired: list[int] = []
+        expired: list[Claimed] = []
         for row in rows:
             at = due_at(row)
             if at >= row.expires_at:
-                expired.append(row.seq)
+                expired.append(row)
             else:
                 due.append((row.seq, at))
         if due:
             await self._queue.write(
                 lambda db: outbox.reschedule(db, due, now=now, error=error, attempted=attempted)
             )
+            if attempted:
+                waiting = Counter((r.project_id, r.pixel_id) for r in rows if r not in expired)
+                for (project_id, pixel_id), count in waiting.items():
+                    self._graph.observers.retried(project_id, pixel_id, count)
         await self._fail(expired, now, "EVENT_EXPIRED", _EXPIRED, error)
 
     async def _prune(self, now: float) -> None:

@@ -26,6 +26,7 @@ from server.delivery.timeouts import AttemptTimeouts
 from server.delivery.transport import ConnectionFailed, GraphTransport
 from server.errors import UpstreamAuth, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from server.logs import log
+from server.observe import Observers
 from tools.base import EventBatch
 
 PARTNER_AGENT = "funnelgate"
@@ -140,8 +141,10 @@ class GraphClient:
         breakers: Breakers | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        observers: Observers | None = None,
     ) -> None:
         self._settings = settings
+        self.observers = observers or Observers()
         self._transport = transport
         self.breakers = breakers or Breakers()
         self.timeouts = AttemptTimeouts(settings.timeout_seconds)  # the sync calls' clock
@@ -215,6 +218,13 @@ class GraphClient:
         self, url: str, content: bytes, timeouts: AttemptTimeouts, *, at_least: float = 0.0
     ) -> Attempt:
         """One POST, on `timeouts`' current clock (which learns from it), or `at_least`."""
+        result = await self._attempt(url, content, timeouts, at_least)
+        self.observers.graph_request(result.verdict.value, result.seconds)
+        return result
+
+    async def _attempt(
+        self, url: str, content: bytes, timeouts: AttemptTimeouts, at_least: float
+    ) -> Attempt:
         timeout = max(timeouts.current(), at_least)
         started = time.perf_counter()
         try:
