@@ -19,12 +19,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import routes
 from server.auth import VerifiedTokens
 from server.config import Config
+from server.console import pages as console_pages
 from server.delivery.coalesce import Coalescer
 from server.delivery.dispatcher import Dispatcher
 from server.delivery.graph import GraphClient, Sender
@@ -70,7 +71,7 @@ def create_app(
     catalog = load_catalog(openapi)
     openapi_bytes = orjson.dumps(served_openapi(openapi, catalog, sandbox=config.graph.sandbox))
     graph_settings = config.graph
-    extra_routes: list[Route] = []
+    extra_routes: list[BaseRoute] = []
     if config.graph.sandbox:
         sandbox = SandboxGraph(clock=clock)
         graph_settings = dataclasses.replace(graph_settings, base_url=SANDBOX_BASE_URL)
@@ -81,6 +82,10 @@ def create_app(
         )
         if graph_transport is None:
             graph_transport = HttpxTransport(httpx.ASGITransport(app=sandbox_app(sandbox)))
+    # Only when a token is set up: an admin surface nobody can log in to is not served.
+    console = console_pages.Console(config, clock=clock) if console_pages.served(config) else None
+    if console is not None:
+        extra_routes += console.routes()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -94,6 +99,8 @@ def create_app(
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
         dispatcher = Dispatcher(queue, graph, credentials, config, clock=clock)
         app.state.outbox = queue
+        app.state.dispatcher = dispatcher  # the console wakes it after a replay
+        app.state.breakers = graph.breakers  # the console shows which pixels are throttled
         app.state.idempotency = Idempotency(queue, clock=clock)
         app.state.runner = Runner(
             catalog, credentials, sender, queue, config,
@@ -129,6 +136,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.config = config
+    if console is not None:
+        console.state = app.state  # what the lifespan puts there: the outbox, the dispatcher
     app.state.tokens = VerifiedTokens(clock=clock)
     app.state.openapi_bytes = openapi_bytes
     app.add_middleware(InFlightLimit, limit=config.server.max_in_flight)

@@ -1,4 +1,4 @@
-"""The `funnelgate` command: serve, init, token, credentials, events."""
+"""The `funnelgate` command: serve, init, token, credentials, events, console-token."""
 
 from __future__ import annotations
 
@@ -150,6 +150,13 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(rotate)
     rotate.set_defaults(handler=_credentials_rotate_key)
     _events_parser(commands)
+    console = commands.add_parser(
+        "console-token",
+        help="make a new admin token for the console (/console): printed once, its hash "
+        "stored beside the database; the old token stops working",
+    )
+    _config_arg(console)
+    console.set_defaults(handler=_console_token)
     return parser
 
 
@@ -537,6 +544,32 @@ def _credentials_rotate_key(args: argparse.Namespace) -> int:
 
 
 # --- events: list, stats, replay -------------------------------------------------------------
+
+def _console_token(args: argparse.Namespace) -> int:
+    from server.console import auth  # noqa: PLC0415
+
+    config = _config(args)
+    if config.console.token_sha256 is not None:
+        raise UsageError(
+            "the config sets [console] token_sha256, which wins over a token file: remove it "
+            "to use funnelgate console-token, or put your own token's SHA-256 there"
+        )
+    path = auth.token_path(config.storage)
+    token = auth.new_token()
+    try:
+        auth.write_token_file(path, auth.token_digest(token))
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path} ({exc.strerror})") from None
+    print(token)
+    served = "" if config.console.enabled else " ([console] enabled = false: it is not served)"
+    print(
+        f"funnelgate: the console's token, shown this once; its SHA-256 is in {path} (0600). "
+        f"Log in at /console{served}; a running server takes a new token at once (and ends "
+        "the sessions of the old one), a first token once it restarts.",
+        file=sys.stderr,
+    )
+    return 0
+
 
 LIST_DEFAULT = 50
 LIST_MAX = 10_000

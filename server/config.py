@@ -80,6 +80,25 @@ class ServerSettings:
     shutdown_seconds: float = 10.0  # how long in-flight calls may finish on SIGTERM
 
 
+# An origin as browsers send it (RFC 6454): scheme, host (a name or a bracketed IPv6), port.
+CONSOLE_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """The admin console at /console (README, Console). It is served when a token is set up:
+    `token_sha256` here, else the file `funnelgate console-token` writes beside the database."""
+
+    enabled: bool = True  # false: never served, whatever token exists
+    # The SHA-256 (hex) of the admin token: the config holds nothing that logs anyone in.
+    token_sha256: str | None = field(default=None, repr=False)
+    session_hours: float = 12.0  # a login lasts this long, then asks again
+    # The console's public origin (https://host[:port]) when a proxy rewrites the Host header;
+    # a form's Origin or Referer must match it. Default: the request's own host.
+    origin: str | None = None
+
+
 @dataclass(frozen=True)
 class Project:
     id: str
@@ -98,13 +117,14 @@ class Config:
     projects: dict[str, Project]
     server: ServerSettings = field(default_factory=ServerSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     source: Path | None = None
 
     def delivery_mode(self, project: Project) -> str:
         return project.delivery_mode or self.delivery.mode
 
 
-_TOP_LEVEL = ("graph", "storage", "server", "delivery", "projects")
+_TOP_LEVEL = ("graph", "storage", "server", "delivery", "console", "projects")
 _STORAGE_KEYS = ("url", "secret_key_file", "retention_days")
 _SECRETS = ("facebook_access_token", "facebook_app_secret")
 _PROJECT_KEYS = (
@@ -138,6 +158,7 @@ def parse_config(
     storage = _storage(_table(raw, "storage", where), base_dir, env, f"{where}, [storage]")
     server = _server(_table(raw, "server", where), f"{where}, [server]")
     delivery = _delivery(_table(raw, "delivery", where), f"{where}, [delivery]")
+    console = _console(_table(raw, "console", where), f"{where}, [console]")
     projects_raw = raw.get("projects", [])
     if not isinstance(projects_raw, list) or not projects_raw:
         raise ConfigError(f"{where}: at least one [[projects]] table is required")
@@ -152,6 +173,7 @@ def parse_config(
         storage=storage,
         server=server,
         delivery=delivery,
+        console=console,
         projects=projects,
         source=source,
     )
@@ -272,6 +294,33 @@ def _delivery(table: dict[str, Any], where: str) -> DeliverySettings:
         max_concurrent_requests=_count(
             table, "max_concurrent_requests", where, defaults.max_concurrent_requests
         ),
+    )
+
+
+def _console(table: dict[str, Any], where: str) -> ConsoleSettings:
+    defaults = ConsoleSettings()
+    _refuse_unknown(table, tuple(defaults.__dict__), where)
+    digest = table.get("token_sha256")
+    if digest is not None:
+        # Never echoed: a token pasted here by mistake would land in the error message.
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest.strip().lower()):
+            raise ConfigError(
+                f"{where}: token_sha256 must be the 64 hex digits of the token's SHA-256 "
+                "(funnelgate console-token makes a token and stores its hash for you)"
+            )
+        digest = digest.strip().lower()
+    origin = table.get("origin")
+    if origin is not None:
+        if not isinstance(origin, str) or not CONSOLE_ORIGIN.fullmatch(origin.rstrip("/")):
+            raise ConfigError(
+                f"{where}: origin must be a scheme and host like https://funnelgate.example.com"
+            )
+        origin = origin.rstrip("/").lower()
+    return ConsoleSettings(
+        enabled=_flag(table, "enabled", where, defaults.enabled),
+        token_sha256=digest,
+        session_hours=_number(table, "session_hours", where, defaults.session_hours),
+        origin=origin,
     )
 
 
