@@ -54,6 +54,7 @@ from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
 from server.storage.credentials import open_credentials
 from server.storage.outbox import Outbox
+from server.tally import Latencies, Tally
 from tools.catalog import load_catalog, load_openapi, served_openapi
 
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
@@ -92,13 +93,17 @@ def create_app(
         credentials = open_credentials(config.storage)
         queue = Outbox(config.storage.database_path, clock=clock)
         transport = graph_transport or AiohttpTransport(graph_settings.max_connections)
-        observers = Observers()  # the metrics and the console's counters listen here
+        tally, latencies = Tally(queue, clock=clock), Latencies()
+        # The metrics and the console's counters listen here.
+        observers = Observers([tally, latencies])
         graph = GraphClient(
             graph_settings, transport, breakers=Breakers(clock=clock), observers=observers
         )
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
         dispatcher = Dispatcher(queue, graph, credentials, config, clock=clock)
         app.state.outbox = queue
+        app.state.tally = tally
+        app.state.graph_latency = latencies
         app.state.dispatcher = dispatcher  # the console wakes it after a replay
         app.state.breakers = graph.breakers  # the console shows which pixels are throttled
         app.state.idempotency = Idempotency(queue, clock=clock)
@@ -109,6 +114,7 @@ def create_app(
         )  # fmt: skip
         app.state.mcp = session_manager()
         dispatcher.start()
+        tally.start()
         try:
             async with app.state.mcp.run():
                 yield
@@ -116,6 +122,7 @@ def create_app(
             # uvicorn has finished the calls in flight (or given up on them) by now.
             await app.state.runner.drain()
             await dispatcher.stop(timeout=config.server.shutdown_seconds / 2)
+            await tally.stop()
             await graph.aclose()
             queue.close()
             credentials.close()

@@ -32,7 +32,7 @@ import orjson
 
 from server.errors import StorageUnavailable
 from server.logs import log
-from server.storage import idempotency
+from server.storage import idempotency, minutes
 from server.storage.writer import PRUNE_BATCH, Writer, connect
 from tools.capi import MAX_AGE_SECONDS, MAX_AGE_SECONDS_PHYSICAL_STORE
 
@@ -541,6 +541,7 @@ class Outbox:
         try:
             create_schema(self._read)
             idempotency.create_schema(self._read)
+            minutes.create_schema(self._read)
             self.pending = pending_count(self._read)
         except BaseException:
             self._read.close()
