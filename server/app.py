@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import routes
@@ -72,7 +72,7 @@ def create_app(
     catalog = load_catalog(openapi)
     openapi_bytes = orjson.dumps(served_openapi(openapi, catalog, sandbox=config.graph.sandbox))
     graph_settings = config.graph
-    extra_routes: list[BaseRoute] = []
+    extra_routes: list[Route] = []
     if config.graph.sandbox:
         sandbox = SandboxGraph(clock=clock)
         graph_settings = dataclasses.replace(graph_settings, base_url=SANDBOX_BASE_URL)
@@ -83,10 +83,6 @@ def create_app(
         )
         if graph_transport is None:
             graph_transport = HttpxTransport(httpx.ASGITransport(app=sandbox_app(sandbox)))
-    # Only when a token is set up: an admin surface nobody can log in to is not served.
-    console = console_pages.Console(config, clock=clock) if console_pages.served(config) else None
-    if console is not None:
-        extra_routes += console.routes()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -104,7 +100,6 @@ def create_app(
         app.state.outbox = queue
         app.state.tally = tally
         app.state.graph_latency = latencies
-        app.state.dispatcher = dispatcher  # the console wakes it after a replay
         app.state.breakers = graph.breakers  # the console shows which pixels are throttled
         app.state.idempotency = Idempotency(queue, clock=clock)
         app.state.runner = Runner(
@@ -143,14 +138,20 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.config = config
-    if console is not None:
-        console.state = app.state  # what the lifespan puts there: the outbox, the dispatcher
+    _add_console(app, config, clock)
     app.state.tokens = VerifiedTokens(clock=clock)
     app.state.openapi_bytes = openapi_bytes
     app.add_middleware(InFlightLimit, limit=config.server.max_in_flight)
     app.add_middleware(RequestLog)
     app.add_middleware(WithoutTrailingSlash)
     return app
+
+
+def _add_console(app: Starlette, config: Config, clock: Callable[[], float]) -> None:
+    """The console's pages, only when a token is set up (an admin surface nobody can log in to
+    is not served); they read what the lifespan puts in `app.state`."""
+    if console_pages.served(config):
+        app.router.routes.extend(console_pages.Console(config, app.state, clock=clock).routes())
 
 
 async def _funnelgate_error(request: Request, exc: Exception) -> Response:

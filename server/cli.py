@@ -150,13 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(rotate)
     rotate.set_defaults(handler=_credentials_rotate_key)
     _events_parser(commands)
-    console = commands.add_parser(
-        "console-token",
-        help="make a new admin token for the console (/console): printed once, its hash "
-        "stored beside the database; the old token stops working",
-    )
-    _config_arg(console)
-    console.set_defaults(handler=_console_token)
+    _console_parser(commands)
     return parser
 
 
@@ -189,6 +183,16 @@ def _events_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     list_.set_defaults(handler=_events_list)
     replay.set_defaults(handler=_events_replay)
     stats.set_defaults(handler=_events_stats)
+
+
+def _console_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    console = commands.add_parser(
+        "console-token",
+        help="make a new admin token for the console (/console): printed once, its hash "
+        "stored beside the database; the old token stops working",
+    )
+    _config_arg(console)
+    console.set_defaults(handler=_console_token)
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -544,6 +548,7 @@ def _credentials_rotate_key(args: argparse.Namespace) -> int:
 
 
 # --- events: list, stats, replay -------------------------------------------------------------
+
 
 def _console_token(args: argparse.Namespace) -> int:
     from server.console import auth  # noqa: PLC0415

@@ -36,7 +36,7 @@ from starlette.requests import Request
 
 from server.config import SHA256_HEX, ConsoleSettings, StorageSettings
 
-TOKEN_FILE = "console.token"
+TOKEN_FILE = "console.token"  # noqa: S105 - a file name; it holds a hash
 MAX_TOKEN_CHARS = 256  # a made token is 43; longer input is refused before it is hashed
 MAX_SESSIONS = 1000  # past it, a login ends the oldest session
 CLIENT_FAILURES, CLIENT_WINDOW = 10, 900.0
@@ -235,6 +235,4 @@ def same_origin(request: Request, expected: str | None) -> bool:
 
 
 def csrf_matches(session: Session, submitted: str | None) -> bool:
-    return submitted is not None and hmac.compare_digest(
-        submitted.encode(), session.csrf.encode()
-    )
+    return submitted is not None and hmac.compare_digest(submitted.encode(), session.csrf.encode())

@@ -48,7 +48,9 @@ async def read_form(request: Request) -> Values:
         if len(body) > MAX_FORM_BYTES:
             raise BadInput("The form is too large.", 413)
     try:
-        return parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FIELDS)
+        return parse_qs(
+            body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict"
+        )
     except (UnicodeDecodeError, ValueError):
         raise BadInput("The form is not valid URL-encoded UTF-8 text.") from None
 
@@ -56,9 +58,11 @@ async def read_form(request: Request) -> Values:
 def query(request: Request) -> Values:
     """The query string's fields (bounded like a form's)."""
     try:
-        return parse_qs(request.url.query, keep_blank_values=True, max_num_fields=MAX_FIELDS)
-    except ValueError:
-        raise BadInput("Too many query parameters.") from None
+        return parse_qs(
+            request.url.query, keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict"
+        )
+    except ValueError:  # too many fields, or not UTF-8
+        raise BadInput("The query string is not valid here.") from None
 
 
 def text(

@@ -7,7 +7,8 @@ and the more specific (e-mail, phone, your own id), the better the event's match
 https://developers.facebook.com/docs/marketing-api/conversions-api/best-practices). Each rule
 below is a row: the count it reads, whether it counts events that have the key or lack it,
 the share from which it speaks, whether it applies only to website events, and the sentence.
-Sentences come most affected events first, at most MAX_READINGS of them.
+Sentences come in the rules' order (the gravest first: no key at all, then only an IP and a
+user agent), most affected events first within a rule, at most MAX_READINGS of them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ MAX_READINGS = 8
 
 
 class Rule(NamedTuple):
-    count: str  # a Coverage field
+    key: str  # a Coverage field
     lacking: bool  # True: the events without it are the ones spoken of
     from_share: float  # speaks when at least this share of the events is concerned
     website_only: bool
@@ -58,19 +59,19 @@ RULES = (
 def readings(rows: Sequence[Coverage], websites: Collection[str]) -> list[str]:
     """The sentences for one pixel's coverage (per event name; the `*` row is left out) and
     the event names sent with action_source `website`."""
-    found: list[tuple[float, int, str]] = []
+    found: list[tuple[int, int, str]] = []
     for row in rows:
         if row.event_name == "*" or row.total <= 0:
             continue
         for order, rule in enumerate(RULES):
             if rule.website_only and row.event_name not in websites:
                 continue
-            have = int(getattr(row, rule.count))
+            have = int(getattr(row, rule.key))
             concerned = row.total - have if rule.lacking else have
             share = concerned / row.total
             if concerned > 0 and share >= rule.from_share:
                 sentence = rule.sentence.format(share=percent(share), name=_name(row.event_name))
-                found.append((-concerned, order, sentence))
+                found.append((order, -concerned, sentence))
     return [sentence for *_, sentence in sorted(found)[:MAX_READINGS]]
 
 
