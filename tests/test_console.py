@@ -11,6 +11,7 @@ import html
 import re
 import stat
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,19 @@ def test_the_console_section_is_checked(tmp_path, rsa_key):
             parse(console)
         assert expected in str(error.value)
         assert "my-plain-secret" not in str(error.value)
+
+
+def test_the_readmes_console_table_is_a_valid_config(tmp_path, rsa_key):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("\n## Console\n") : readme.index("\n## Logs\n")]
+    block = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert block is not None
+    digest = auth.token_digest(ADMIN_TOKEN)
+    raw = tomllib.loads(block[1].replace('"..."', f'"{digest}"'))
+    raw["projects"] = [{"id": "p1", "jwt_public_key": public_pem(rsa_key)}]
+    settings = parse_config(raw, base_dir=tmp_path, env={}).console
+    assert settings == ConsoleSettings(True, digest, 12.0, "https://funnelgate.example.com")
+    assert settings.session_hours == ConsoleSettings().session_hours
 
 
 # --- login, cookie, logout -----------------------------------------------------------------
@@ -549,6 +563,19 @@ def test_bad_forms_are_refused_before_anything_is_done(console):
     assert login(console, "x" * 300).status_code == 401
 
 
+def test_a_page_whose_database_is_gone_says_so(console, queued_config, log_capture):
+    login(console)
+    path = queued_config.storage.database_path
+    path.rename(path.with_name("moved.db"))  # the server's own connections keep the old file
+    path.mkdir()  # and nothing can open this one
+    response = console.get("/console/failed")
+    assert response.status_code == 503
+    assert 'id="error-message"' in response.text
+    codes = [line.get("error") for line in log_capture.lines(console)
+             if line.get("event") == "console_storage_error"]  # fmt: skip
+    assert codes == ["OperationalError"]
+
+
 def test_a_login_only_returns_to_a_console_page(console):
     for target, expected in [("/console/failed", "/console/failed"),
                              ("https://evil.example/", "/console"),
@@ -559,6 +586,8 @@ def test_a_login_only_returns_to_a_console_page(console):
         assert response.headers["location"] == expected
     assert console.get("/console/login?next=https://evil.example", follow_redirects=False
                        ).headers["location"] == "/console"  # fmt: skip
+    onwards = console.get("/console/login?next=%ff", follow_redirects=False)
+    assert onwards.headers["location"] == "/console"  # logged in: on to the overview
 
 
 # --- over real HTTP ------------------------------------------------------------------------

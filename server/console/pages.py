@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,9 @@ class Console:
                 return _secured(await handler(request, session, values))
             except BadInput as exc:
                 return self._error(request, exc.status, exc.message, session)
+            except sqlite3.Error as exc:
+                log("console_storage_error", logging.ERROR, error=type(exc).__name__)
+                return self._error(request, 503, "The database did not answer: try again.", session)
 
         endpoint.__name__ = f"console_{handler.__name__}"  # what the request log names
         return endpoint
@@ -253,8 +257,10 @@ class Console:
     # --- login ------------------------------------------------------------------------------
 
     async def login_form(self, request: Request) -> Response:
-        values = query(request)
-        target = next_path(values.get("next", [None])[0])
+        try:
+            target = next_path(text(query(request), "next", EVENT_ID))
+        except BadInput:
+            target = next_path(None)  # a login goes on to the overview then
         session = self._session(request)
         if session is not None:
             return _secured(RedirectResponse(target, 303))
