@@ -587,13 +587,24 @@ class Outbox:
         if submit:
             taken: list[_Insert] = []  # filled in the writer's thread, read once it is done
             job = self._writer.submit(partial(self._insert_waiting, taken=taken))
-            job.add_done_callback(partial(_settle_inserts, taken=taken))
+            job.add_done_callback(partial(self._settle_inserts, taken=taken))
         try:
             return await future
         except sqlite3.Error as exc:
             self.pending -= len(events)
             log("outbox_write_failed", logging.ERROR, error=type(exc).__name__)
             raise StorageUnavailable from None
+
+    def _settle_inserts(self, job: asyncio.Future[range], *, taken: list[_Insert]) -> None:
+        """On the loop, once the writer is done with the job. A transaction that failed before
+        the job ran (the lock held past the busy timeout) took no insert: the inserts waiting
+        for it fail with its error, and the next enqueue submits a job of its own."""
+        if not job.cancelled() and job.exception() is not None and not taken:
+            with self._lock:
+                taken += self._inserts
+                self._inserts = []
+                self._insert_submitted = False
+        _settle_inserts(job, taken=taken)
 
     def _insert_waiting(self, db: sqlite3.Connection, *, taken: list[_Insert]) -> range:
         """In the writer's thread: every insert waiting now, in one statement."""
