@@ -80,6 +80,22 @@ class ServerSettings:
     shutdown_seconds: float = 10.0  # how long in-flight calls may finish on SIGTERM
 
 
+METRICS_PATH = re.compile(r"/[A-Za-z0-9._~/-]*")  # plain path segments: no route parameters
+# Paths the server already answers; the metrics cannot take one of them.
+_SERVED_PATHS = ("/healthz", "/readyz", "/openapi.json", "/sandbox/events")
+_SERVED_PREFIXES = ("/projects/", "/console")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = True
+    path: str = "/metrics"
+    # None: /metrics is served by the main server; a port: by a listener of its own on `host`
+    # only, since the metrics are rarely meant for the public side of a deployment.
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class Project:
     id: str
@@ -98,13 +114,14 @@ class Config:
     projects: dict[str, Project]
     server: ServerSettings = field(default_factory=ServerSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None
 
     def delivery_mode(self, project: Project) -> str:
         return project.delivery_mode or self.delivery.mode
 
 
-_TOP_LEVEL = ("graph", "storage", "server", "delivery", "projects")
+_TOP_LEVEL = ("graph", "storage", "server", "delivery", "metrics", "projects")
 _STORAGE_KEYS = ("url", "secret_key_file", "retention_days")
 _SECRETS = ("facebook_access_token", "facebook_app_secret")
 _PROJECT_KEYS = (
@@ -138,6 +155,7 @@ def parse_config(
     storage = _storage(_table(raw, "storage", where), base_dir, env, f"{where}, [storage]")
     server = _server(_table(raw, "server", where), f"{where}, [server]")
     delivery = _delivery(_table(raw, "delivery", where), f"{where}, [delivery]")
+    metrics = _metrics(_table(raw, "metrics", where), f"{where}, [metrics]")
     projects_raw = raw.get("projects", [])
     if not isinstance(projects_raw, list) or not projects_raw:
         raise ConfigError(f"{where}: at least one [[projects]] table is required")
@@ -152,6 +170,7 @@ def parse_config(
         storage=storage,
         server=server,
         delivery=delivery,
+        metrics=metrics,
         projects=projects,
         source=source,
     )
@@ -272,6 +291,35 @@ def _delivery(table: dict[str, Any], where: str) -> DeliverySettings:
         max_concurrent_requests=_count(
             table, "max_concurrent_requests", where, defaults.max_concurrent_requests
         ),
+    )
+
+
+def _metrics(table: dict[str, Any], where: str) -> MetricsSettings:
+    defaults = MetricsSettings()
+    _refuse_unknown(table, tuple(defaults.__dict__), where)
+    path = _str(table, "path", where, defaults.path)
+    if not METRICS_PATH.fullmatch(path) or path.endswith("/"):
+        raise ConfigError(
+            f"{where}: path must be an absolute path such as /metrics, with no trailing slash "
+            f"(got {path!r})"
+        )
+    port = table.get("port")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
+    ):
+        raise ConfigError(f"{where}: port must be a TCP port number (1-65535)")
+    if port is None:  # on the main server: next to its routes
+        if path in _SERVED_PATHS or path.startswith(_SERVED_PREFIXES):
+            raise ConfigError(f"{where}: path {path} is already one of the server's routes")
+        if "host" in table:
+            raise ConfigError(
+                f"{where}: host needs port (without one, the main server serves {path})"
+            )
+    return MetricsSettings(
+        enabled=_flag(table, "enabled", where, defaults.enabled),
+        path=path,
+        port=port,
+        host=_str(table, "host", where, defaults.host),
     )
 
 
