@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import routes
+from server import probes, routes
 from server.auth import VerifiedTokens
 from server.config import Config
 from server.delivery.coalesce import Coalescer
@@ -99,6 +99,7 @@ def create_app(
         app.state.outbox = queue
         app.state.tally = tally
         app.state.graph_latency = latencies
+        app.state.dispatcher = dispatcher
         app.state.idempotency = Idempotency(queue, clock=clock)
         app.state.runner = Runner(
             catalog, credentials, sender, queue, config,
@@ -129,6 +130,7 @@ def create_app(
             Route("/projects/{project_id}/events/{event_id}", routes.event_status, methods=["GET"]),
             Route("/projects/{project_id}/mcp", McpEndpoint()),
             Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", probes.readyz, methods=["GET"]),
             Route("/openapi.json", routes.openapi, methods=["GET"]),
             *extra_routes,
         ],
