@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import orjson
+from prometheus_client import Gauge
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -22,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import routes
+from server import probes, routes
 from server.auth import VerifiedTokens
 from server.config import Config
 from server.console import pages as console_pages
@@ -40,7 +42,6 @@ from server.errors import (
 )
 from server.idempotency import Idempotency
 from server.logs import (
-    elapsed_ms,
     level_for_status,
     log,
     request_id_from_header,
@@ -48,6 +49,8 @@ from server.logs import (
     set_request_id,
 )
 from server.mcp_endpoint import McpEndpoint, session_manager
+from server.metrics import Metrics, serving_metrics
+from server.metrics import metrics as metrics_route
 from server.observe import Observers
 from server.responses import error_response
 from server.runner import Runner
@@ -70,9 +73,9 @@ def create_app(
     Graph is reached with aiohttp, or in-process when the sandbox is on."""
     openapi = load_openapi()
     catalog = load_catalog(openapi)
-    openapi_bytes = orjson.dumps(served_openapi(openapi, catalog, sandbox=config.graph.sandbox))
+    openapi_bytes = orjson.dumps(_served_document(openapi, catalog, config))
     graph_settings = config.graph
-    extra_routes: list[Route] = []
+    metrics, extra_routes = _metrics(config, openapi, catalog, clock)
     if config.graph.sandbox:
         sandbox = SandboxGraph(clock=clock)
         graph_settings = dataclasses.replace(graph_settings, base_url=SANDBOX_BASE_URL)
@@ -91,16 +94,16 @@ def create_app(
         transport = graph_transport or AiohttpTransport(graph_settings.max_connections)
         tally, latencies = Tally(queue, clock=clock), Latencies()
         # The metrics and the console's counters listen here.
-        observers = Observers([tally, latencies])
+        observers = Observers([tally, latencies, *([metrics] if metrics is not None else [])])
         graph = GraphClient(
             graph_settings, transport, breakers=Breakers(clock=clock), observers=observers
         )
         sender: Sender = Coalescer(graph) if graph_settings.coalesce else graph
         dispatcher = Dispatcher(queue, graph, credentials, config, clock=clock)
-        app.state.outbox = queue
-        app.state.tally = tally
-        app.state.graph_latency = latencies
-        app.state.breakers = graph.breakers  # the console shows which pixels are throttled
+        app.state.outbox, app.state.dispatcher = queue, dispatcher
+        # What the console reads: its counters, Graph's latency, the throttled pixels.
+        app.state.tally, app.state.graph_latency = tally, latencies
+        app.state.breakers = graph.breakers
         app.state.idempotency = Idempotency(queue, clock=clock)
         app.state.runner = Runner(
             catalog, credentials, sender, queue, config,
@@ -111,7 +114,10 @@ def create_app(
         dispatcher.start()
         tally.start()
         try:
-            async with app.state.mcp.run():
+            async with (
+                serving_metrics(metrics, config.metrics, config.storage.database_path),
+                app.state.mcp.run(),
+            ):
                 yield
         finally:
             # uvicorn has finished the calls in flight (or given up on them) by now.
@@ -131,6 +137,7 @@ def create_app(
             Route("/projects/{project_id}/events/{event_id}", routes.event_status, methods=["GET"]),
             Route("/projects/{project_id}/mcp", McpEndpoint()),
             Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", probes.readyz, methods=["GET"]),
             Route("/openapi.json", routes.openapi, methods=["GET"]),
             *extra_routes,
         ],
@@ -141,8 +148,13 @@ def create_app(
     _add_console(app, config, clock)
     app.state.tokens = VerifiedTokens(clock=clock)
     app.state.openapi_bytes = openapi_bytes
-    app.add_middleware(InFlightLimit, limit=config.server.max_in_flight)
-    app.add_middleware(RequestLog)
+    app.state.metrics = metrics
+    app.add_middleware(
+        InFlightLimit,
+        limit=config.server.max_in_flight,
+        gauge=None if metrics is None else metrics.in_flight,
+    )
+    app.add_middleware(RequestLog, metrics=metrics)
     app.add_middleware(WithoutTrailingSlash)
     return app
 
@@ -152,6 +164,32 @@ def _add_console(app: Starlette, config: Config, clock: Callable[[], float]) -> 
     is not served); they read what the lifespan puts in `app.state`."""
     if console_pages.served(config):
         app.router.routes.extend(console_pages.Console(config, app.state, clock=clock).routes())
+
+
+def _metrics(
+    config: Config, openapi: dict[str, Any], catalog: Mapping[str, Any], clock: Callable[[], float]
+) -> tuple[Metrics | None, list[Route]]:
+    """The app's metrics, when on, and their route on the main server, when they have one."""
+    if not config.metrics.enabled:
+        return None, []
+    codes = openapi["components"]["schemas"]["EventError"]["properties"]["code"]["enum"]
+    metrics = Metrics(tools=catalog, codes=codes, projects=config.projects, clock=clock)
+    if config.metrics.port is not None:
+        return metrics, []
+    return metrics, [Route(config.metrics.path, metrics_route, methods=["GET"])]
+
+
+def _served_document(
+    openapi: dict[str, Any], catalog: Mapping[str, Any], config: Config
+) -> dict[str, Any]:
+    """openapi.json as this server serves it (tools/catalog.py), with the metrics where the
+    main server serves them: at their path, or nowhere when they are off or on a port of
+    their own."""
+    document = served_openapi(openapi, catalog, sandbox=config.graph.sandbox)
+    item = document["paths"].pop("/metrics")
+    if config.metrics.enabled and config.metrics.port is None:
+        document["paths"][config.metrics.path] = item
+    return document
 
 
 async def _funnelgate_error(request: Request, exc: Exception) -> Response:
@@ -203,10 +241,11 @@ class InFlightLimit:
     and the OpenAPI document are never counted nor refused.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, gauge: Gauge | None = None) -> None:
         self.app = app
         self.limit = limit
         self.in_flight = 0
+        self.gauge = gauge  # the metrics' funnelgate_calls_in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/projects/"):
@@ -217,20 +256,27 @@ class InFlightLimit:
             await error_response(Overloaded())(scope, receive, send)
             return
         self.in_flight += 1
+        gauge = self.gauge
+        if gauge is not None:
+            gauge.inc()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            if gauge is not None:
+                gauge.dec()
 
 
 class RequestLog:
     """One JSON log line per request; turns an unexpected exception into a JSON 500.
 
-    Logs the endpoint's name, not the raw path, and only ids, codes and timings.
+    Logs the endpoint's name, not the raw path, and only ids, codes and timings; counts the
+    request in the metrics, when they are on.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -260,8 +306,13 @@ class RequestLog:
                 scope.setdefault("state", {})["error_code"] = InternalError.code
                 await error_response(InternalError())(scope, receive, send_and_watch)
         finally:
+            seconds = time.perf_counter() - started
             state = scope.get("state", {})
             endpoint = scope.get("endpoint")
+            if self.metrics is not None:
+                self.metrics.call(
+                    endpoint, state.get("tool"), status, state.get("error_code"), seconds
+                )
             log(
                 "request",
                 level_for_status(status),
@@ -272,7 +323,7 @@ class RequestLog:
                 status=status,
                 code=state.get("error_code"),
                 fbtrace_id=state.get("fbtrace_id"),
-                duration_ms=elapsed_ms(started),
+                duration_ms=round(seconds * 1000, 2),
             )
             reset_request_id(token)
 

@@ -99,6 +99,22 @@ class ConsoleSettings:
     origin: str | None = None
 
 
+METRICS_PATH = re.compile(r"/[A-Za-z0-9._~/-]*")  # plain path segments: no route parameters
+# Paths the server already answers; the metrics cannot take one of them.
+_SERVED_PATHS = ("/healthz", "/readyz", "/openapi.json", "/sandbox/events")
+_SERVED_PREFIXES = ("/projects/", "/console")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = True
+    path: str = "/metrics"
+    # None: /metrics is served by the main server; a port: by a listener of its own on `host`
+    # only, since the metrics are rarely meant for the public side of a deployment.
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class Project:
     id: str
@@ -118,13 +134,14 @@ class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None
 
     def delivery_mode(self, project: Project) -> str:
         return project.delivery_mode or self.delivery.mode
 
 
-_TOP_LEVEL = ("graph", "storage", "server", "delivery", "console", "projects")
+_TOP_LEVEL = ("graph", "storage", "server", "delivery", "metrics", "console", "projects")
 _STORAGE_KEYS = ("url", "secret_key_file", "retention_days")
 _SECRETS = ("facebook_access_token", "facebook_app_secret")
 _PROJECT_KEYS = (
@@ -159,6 +176,7 @@ def parse_config(
     server = _server(_table(raw, "server", where), f"{where}, [server]")
     delivery = _delivery(_table(raw, "delivery", where), f"{where}, [delivery]")
     console = _console(_table(raw, "console", where), f"{where}, [console]")
+    metrics = _metrics(_table(raw, "metrics", where), f"{where}, [metrics]")
     projects_raw = raw.get("projects", [])
     if not isinstance(projects_raw, list) or not projects_raw:
         raise ConfigError(f"{where}: at least one [[projects]] table is required")
@@ -174,6 +192,7 @@ def parse_config(
         server=server,
         delivery=delivery,
         console=console,
+        metrics=metrics,
         projects=projects,
         source=source,
     )
@@ -321,6 +340,35 @@ def _console(table: dict[str, Any], where: str) -> ConsoleSettings:
         token_sha256=digest,
         session_hours=_number(table, "session_hours", where, defaults.session_hours),
         origin=origin,
+    )
+
+
+def _metrics(table: dict[str, Any], where: str) -> MetricsSettings:
+    defaults = MetricsSettings()
+    _refuse_unknown(table, tuple(defaults.__dict__), where)
+    path = _str(table, "path", where, defaults.path)
+    if not METRICS_PATH.fullmatch(path) or path.endswith("/"):
+        raise ConfigError(
+            f"{where}: path must be an absolute path such as /metrics, with no trailing slash "
+            f"(got {path!r})"
+        )
+    port = table.get("port")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
+    ):
+        raise ConfigError(f"{where}: port must be a TCP port number (1-65535)")
+    if port is None:  # on the main server: next to its routes
+        if path in _SERVED_PATHS or path.startswith(_SERVED_PREFIXES):
+            raise ConfigError(f"{where}: path {path} is already one of the server's routes")
+        if "host" in table:
+            raise ConfigError(
+                f"{where}: host needs port (without one, the main server serves {path})"
+            )
+    return MetricsSettings(
+        enabled=_flag(table, "enabled", where, defaults.enabled),
+        path=path,
+        port=port,
+        host=_str(table, "host", where, defaults.host),
     )
 
 

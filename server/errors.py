@@ -16,6 +16,7 @@
     ├── Overloaded ............ 503 OVERLOADED (retryable, Retry-After)
     │   ├── QueueFull ......... 503 QUEUE_FULL (retryable, Retry-After)
     │   └── StorageUnavailable  503 STORAGE_UNAVAILABLE (retryable, Retry-After)
+    ├── NotReady .............. 503 NOT_READY: GET /readyz only (+ down: [...], Retry-After)
     ├── UpstreamError ......... Graph API failures (+ event_ids, upstream: {...})
     │   ├── UpstreamRejected .. 400 UPSTREAM_REJECTED
     │   ├── UpstreamAuth ...... 502 UPSTREAM_AUTH
@@ -213,6 +214,25 @@ class StorageUnavailable(Overloaded):
         FunnelgateError.__init__(
             self, "funnelgate could not write the events to its storage; nothing was queued."
         )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class NotReady(FunnelgateError):
+    """The readiness probe's answer while a part the calls need is down; `down` names them
+    (`storage`, `dispatcher`)."""
+
+    status = 503
+    code = "NOT_READY"
+    retryable = True
+
+    def __init__(self, down: list[str]) -> None:
+        super().__init__(f"Not ready: {', '.join(down)} down.")
+        self.down = down
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "down": self.down}
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}

@@ -146,10 +146,11 @@ class _Sink:
         self.stream: IO[str] | None = None  # until configure(): tests and libraries log nothing
         self.level = INFO
         self.max_bytes = BUFFER_BYTES
-        self.lock = threading.Lock()  # guards the four fields below
+        self.lock = threading.Lock()  # guards the five fields below
         self.pending: list[bytes] = []
         self.queued_bytes = 0  # pending or being written
         self.dropped = 0  # since the last line that reported drops
+        self.dropped_total = 0  # since the process started (the metrics)
         self.wakeups: queue.SimpleQueue[threading.Event | None] = queue.SimpleQueue()
         self.writer: threading.Thread | None = None
 
@@ -159,6 +160,7 @@ class _Sink:
             size = len(line) + (_DROPPED_LINE_MAX_BYTES if self.dropped else 0)
             if self.queued_bytes + size > self.max_bytes:
                 self.dropped += 1
+                self.dropped_total += 1
                 return
             if self.dropped:  # the first line after a gap says how long the gap was
                 line = _dropped_line(self.dropped) + line
@@ -215,6 +217,7 @@ class _Sink:
             lost = len(batch) - (1 if dropped else 0)
             with self.lock:
                 self.dropped += dropped + lost
+                self.dropped_total += lost
             return False  # no retry until more lines come
         finally:
             with self.lock:
@@ -313,6 +316,11 @@ def _as_text(value: object) -> LogValue:
         return clip(repr(value))
     except ValueError:  # a huge int inside
         return f"<{type(value).__name__}>"
+
+
+def dropped_lines() -> int:
+    """Lines dropped since the process started: a full buffer, or a stream that failed."""
+    return _sink.dropped_total
 
 
 def flush(timeout: float | None = EXIT_FLUSH_SECONDS) -> bool:

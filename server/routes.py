@@ -269,6 +269,7 @@ def sandbox_events(sandbox: SandboxGraph) -> Callable[[Request], Awaitable[Respo
     async def endpoint(_: Request) -> Response:
         return json_response({"requests": list(sandbox.accepted)})
 
+    endpoint.__name__ = "sandbox_events"  # in the request log and the metrics
     return endpoint
 
 

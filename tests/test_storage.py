@@ -3,6 +3,7 @@ bound to their row, key checks at start-up, rotation, and funnelgate 0.1's plain
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import sqlite3
@@ -12,10 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import orjson
 import pytest
 
 from server.config import StorageSettings
-from server.errors import ConfigError
+from server.errors import ConfigError, StorageUnavailable
 from server.storage import credentials as credentials_module
 from server.storage.credentials import SCHEMA_VERSION, open_credentials
 from server.storage.crypto import (
@@ -27,6 +29,7 @@ from server.storage.crypto import (
     parse_secret_keys,
     read_secret_key_file,
 )
+from server.storage.outbox import NewEvent, Outbox
 
 TOKEN = "EAAB-storage-secret-token-4f1c"
 OTHER = "EAAB-another-users-token-9a2e"
@@ -369,3 +372,27 @@ def test_a_version_1_file_gets_credential_ids_and_its_pending_events_keep_their_
     open_credentials(settings(db, KEY_A)).close()  # a second start changes nothing
     with raw(db) as conn:
         assert conn.execute("SELECT count(*) FROM credentials").fetchone()[0] == 2
+
+
+def test_a_write_lock_held_too_long_fails_the_waiting_inserts_and_the_next_goes_through(db: Path):
+    """Another process (a CLI replay, say) holds the write lock past the busy timeout: the
+    transaction fails before its insert runs. The enqueue waiting for it fails (503
+    STORAGE_UNAVAILABLE) instead of waiting forever, and enqueueing works once the lock goes."""
+    queue = Outbox(db, clock=lambda: 1_795_000_000.0)
+    queue._writer._db.execute("PRAGMA busy_timeout=50")  # not the 5 s a server waits
+    event = {"event_id": "e-1", "event_name": "Lead", "event_time": 1_795_000_000}
+    new = NewEvent("p", "u", None, "1", None, event, orjson.dumps(event))
+
+    async def enqueue_twice() -> list[int]:
+        with raw(db) as lock:
+            lock.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StorageUnavailable):
+                await queue.enqueue([new])
+            lock.execute("ROLLBACK")
+        return await asyncio.wait_for(queue.enqueue([new]), 5)
+
+    try:
+        assert asyncio.run(enqueue_twice()) == [1]
+        assert queue.pending == 1
+    finally:
+        queue.close()

@@ -118,6 +118,12 @@ class Dispatcher:
         self._main = asyncio.create_task(self._run())
         self._renewer = asyncio.create_task(self._renew())
 
+    @property
+    def running(self) -> bool:
+        """Whether its loop runs: it ends on stop(), or on a failure the loop could not
+        catch (its task cancelled, a BaseException)."""
+        return self._main is not None and not self._main.done()
+
     def wake(self) -> None:
         """New events are due: the loop claims them now instead of at its next poll."""
         self._wakeup.set()

@@ -42,6 +42,9 @@ class Writer:
     def __init__(self, path: Path) -> None:
         self._db = connect(path)
         self._queue: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        # The last transaction failed as a whole (the disk, or the lock held too long); the next
+        # that commits clears it. Read by the readiness probe, at no cost to writes.
+        self.failing = False
         self._thread = threading.Thread(target=self._loop, name="funnelgate-writer", daemon=True)
         self._thread.start()
 
@@ -55,6 +58,11 @@ class Writer:
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((job, loop, future))
         return future
+
+    @property
+    def alive(self) -> bool:
+        """Whether its thread still takes jobs (it stops on close())."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Commits what is queued, then closes the connection."""
@@ -98,7 +106,9 @@ class Writer:
                     outcomes.append((future, result, None))
                 self._db.execute("RELEASE job")
             self._db.execute("COMMIT")
+            self.failing = False
         except sqlite3.Error as exc:  # the disk or the lock failed: nothing of the batch holds
+            self.failing = True
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             outcomes = [(future, None, exc) for _, _, future in batch]
