@@ -117,17 +117,13 @@ class Throttled:
     failures: int
 
 
-def throttled(breakers: Breakers, now: float) -> list[Throttled]:
-    """Pixels whose breaker is open now, one line each (a breaker's key holds an access token:
-    only the pixel leaves here). Breakers keeps no listing of its own, so this reads its
-    table."""
+def throttled(breakers: Breakers) -> list[Throttled]:
+    """Pixels whose breaker is open now, one line each (the longest wait, when several
+    tokens send to one pixel)."""
     found: dict[str, Throttled] = {}
-    for (_, pixel_id), state in list(breakers._states.items()):
-        if state.open_until <= now and not state.probing:
-            continue
-        line = Throttled(pixel_id, max(0.0, state.open_until - now), state.failures)
-        if pixel_id not in found or line.seconds > found[pixel_id].seconds:
-            found[pixel_id] = line
+    for pixel_id, seconds, failures in breakers.open_pixels():
+        if pixel_id not in found or seconds > found[pixel_id].seconds:
+            found[pixel_id] = Throttled(pixel_id, seconds, failures)
     return sorted(found.values(), key=lambda line: line.pixel_id)
 
 
@@ -362,7 +358,7 @@ class Console:
             "oldest_age": None if oldest is None else max(0.0, now - oldest),
             "p50": p50,
             "p99": p99,
-            "throttled": throttled(breakers, now) if breakers is not None else [],
+            "throttled": throttled(breakers) if breakers is not None else [],
             "pixels": pixels,
             "codes": codes,
         }

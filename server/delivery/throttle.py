@@ -83,6 +83,16 @@ class Breakers:
         interval = min(cap, start * 2.0**doublings) * (1.0 + 0.25 * self._rand())
         state.open_until = self._clock() + interval
 
+    def open_pixels(self) -> list[tuple[str, float, int]]:
+        """(pixel, seconds until a probe may go, failures) of each breaker open now; never a
+        key's access token."""
+        now = self._clock()
+        return [
+            (pixel_id, max(0.0, state.open_until - now), state.failures)
+            for (_, pixel_id), state in list(self._states.items())
+            if state.open_until > now or state.probing
+        ]
+
     def abandoned(self, key: Key) -> None:
         """A probe ended without an answer to judge by (cancelled): let another probe."""
         state = self._states.get(key)
