@@ -233,7 +233,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"funnelgate dev setup in {DEV_DIR}/ (sandbox Graph: nothing leaves this machine).\n"
             f"Try it:\n\n{try_it(DEV_DIR, project_id, base)}\n\n"
-            f"Then see what Meta would have received: curl -sS {base}/sandbox/events\n",
+            f"Then see what Meta would have received: curl -sS {base}/sandbox/events\n"
+            f"{_dev_console(config, base)}",
             flush=True,
         )
     server = FrozenAfterStartup(uvicorn_config(create_app(config), config, args.host, args.port))
@@ -548,6 +549,17 @@ def _credentials_rotate_key(args: argparse.Namespace) -> int:
 
 
 # --- events: list, stats, replay -------------------------------------------------------------
+
+
+def _dev_console(config: Config, base: str) -> str:
+    """The dev setup's console: a fresh admin token each start (only its hash is kept)."""
+    from server.console import auth  # noqa: PLC0415
+
+    if config.console.token_sha256 is not None or not config.console.enabled:
+        return ""
+    token = auth.new_token()
+    auth.write_token_file(auth.token_path(config.storage), auth.token_digest(token))
+    return f"The console: {base}/console (admin token, new at each start: {token})\n"
 
 
 def _console_token(args: argparse.Namespace) -> int:

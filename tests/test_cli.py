@@ -367,6 +367,17 @@ def test_first_run_without_config_prints_a_curl_that_the_sandbox_accepts(tmp_pat
         assert event["custom_data"]["content_ids"] == ["ABC123", "XYZ789"]
         assert recorded[0]["body"]["access_token"] == "[redacted]"
         assert (tmp_path / ".funnelgate" / "config.toml").exists()
+        # The console is on, with the admin token printed at start (only its hash is kept).
+        console = re.search(rf"(http://127.0.0.1:{port}/console) \(admin token, .*?: (\S+)\)",
+                            printed)  # fmt: skip
+        assert console, printed
+        token = console.group(2)
+        assert token not in (tmp_path / ".funnelgate" / "console.token").read_text()
+        with httpx.Client(base_url=console.group(1), timeout=5) as browser:
+            origin = {"Origin": f"http://127.0.0.1:{port}"}
+            login = browser.post("/login", data={"token": token}, headers=origin)
+            assert login.status_code == 303
+            assert 'data-page="overview"' in browser.get("").text
         for private in ("keys/project.pem", "secret.key", "config.toml"):
             assert oct((tmp_path / ".funnelgate" / private).stat().st_mode & 0o777) == "0o600"
     finally:
