@@ -82,7 +82,7 @@ def plain_server(
         yield base_url
 
 
-def test_chromium_shows_what_funnelgate_serves(page, plain_server, shots):
+def test_chromium_shows_what_funnelgate_serves(page, plain_server, tmp_path):
     """The toolchain end to end: Debian's chromium, started by Playwright, loads pages from a
     funnelgate on loopback, reads what they show and takes a screenshot."""
     response = page.goto(f"{plain_server}/healthz")
@@ -94,7 +94,7 @@ def test_chromium_shows_what_funnelgate_serves(page, plain_server, shots):
     spec = json.loads(page.locator("pre").first.inner_text())
     assert spec["info"]["title"] == "funnelgate"
     assert "/projects/{project_id}/tools" in spec["paths"]
-    picture = screenshot(page, shots / "openapi.png", full_page=False)
+    picture = screenshot(page, tmp_path / "openapi.png", full_page=False)  # not one to keep
     assert picture.stat().st_size > 1000  # text drawn, not a blank page
 
 
