@@ -51,7 +51,7 @@ def bars(
     width = plot_w / len(slots)
     shown = f"{label}: {_number(total)} in all, at most {_number(peak)} per {_step(step)}"
     parts = [_open(name, shown, f"chart bars series-{name}", step, total)]
-    parts.append(_y_axis(scale, "", plot_h))
+    parts.append(_y_axis(scale or 1, "", plot_h))  # an empty chart still reads 0 to 1
     for index, (start, value) in enumerate(slots):
         height = plot_h * value / scale if scale else 0.0
         x = LEFT + index * width
@@ -120,7 +120,7 @@ def _open(name: str, label: str, css: str, step: int, total: float | None) -> st
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" id="{ident}" class="{css}" role="img" '
         f'aria-labelledby="{ident}-title" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'preserveAspectRatio="none" data-step="{step}"{total_attr}>'
+        f'data-step="{step}"{total_attr}>'
         f'<title id="{ident}-title">{html.escape(label)}</title>'
     )
 
