@@ -27,6 +27,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from server.config import Config, load_config
+from server.durations import human_age
 from server.errors import ConfigError
 from server.storage import outbox
 from server.storage.credentials import (
@@ -633,17 +634,6 @@ def parse_since(text: str, now: float) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
-
-
-def human_age(seconds: float) -> str:
-    """`3m 12s`, `2d 4h`: the two largest units."""
-    left = max(0, int(seconds))
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, left = divmod(left, size)
-        if count or parts or unit == "s":
-            parts.append(f"{count}{unit}")
-    return " ".join(parts[:2])
 
 
 def _iso(seconds: float) -> str:

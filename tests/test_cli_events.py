@@ -19,8 +19,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server import cli
-from server.cli import human_age, main, parse_since
+from server.cli import main, parse_since
 from server.config import load_config
+from server.durations import human_age
 from server.storage import outbox
 from server.storage.credentials import Credential, mark_invalid, open_credentials
 from server.storage.crypto import add_secret_key

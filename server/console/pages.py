@@ -75,6 +75,7 @@ from server.console.inputs import (
 from server.console.readings import percent, readings
 from server.console.redact import shown_event
 from server.delivery.throttle import Breakers
+from server.durations import human_age
 from server.logs import log
 from server.storage import minutes, outbox
 from server.storage.minutes import Coverage
@@ -583,16 +584,7 @@ def _when(seconds: float | None) -> str:
 
 
 def _age(seconds: float | None) -> str:
-    """`3m 12s`, `2d 4h`: the two largest units."""
-    if seconds is None:
-        return "-"
-    left = max(0, int(seconds))
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, left = divmod(left, size)
-        if count or parts or unit == "s":
-            parts.append(f"{count}{unit}")
-    return " ".join(parts[:2])
+    return "-" if seconds is None else human_age(seconds)
 
 
 def _ms(seconds: float | None) -> str:
