@@ -233,6 +233,8 @@ async def _list(request: Request, keys: tuple[str, ...]) -> Response:
     describe = as_function if fmt == "json_schema" else as_paragon
     integrations, categories = _csv(request, "integrations"), _csv(request, "categories")
     runner: Runner = request.app.state.runner
+    if access.selector is not None:  # a credential named is one of the user's, or a 400
+        runner.named(project, user_id, access.selector)
     grouped: dict[str, list[dict[str, Any]]] = {}
     limit = _flag(request, "limit_to_available", default=True)
     shown: dict[str, bool] = {}  # per integration: what the token may use (and has, with limit)

@@ -186,6 +186,13 @@ class Runner:
         source = "header" if selector else "default" if found else "project"
         return Account(found, source)
 
+    def named(self, project: Project, user_id: str, selector: str) -> Credential:
+        """The user's credential `selector` names; CredentialNotFound when it names none."""
+        found = self._credentials.find(project.id, user_id, selector)
+        if found is None:
+            raise CredentialNotFound
+        return found
+
     def authorize(
         self,
         project: Project,

@@ -185,6 +185,13 @@ def test_a_credential_not_the_users_is_not_found_and_nothing_is_sent(accounts, h
     assert response.json()["message"] == "No credential with this id for this user."
     assert header.strip().removeprefix("ext:").lower() not in response.text.lower()
     assert accounts.graph.received == []
+    for limit in ("true", "false"):  # List Tools too, whatever limit_to_available says
+        listing = accounts.client.get(
+            URL,
+            params={"limit_to_available": limit, "integrations": "facebookAds"},
+            headers=accounts.headers(header, NO_CLAIM, "user-1"),
+        )
+        assert error_of(listing) == (400, "CREDENTIAL_NOT_FOUND")
 
 
 @pytest.mark.parametrize(
