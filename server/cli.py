@@ -118,17 +118,22 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="file holding the token, or - to read it from stdin",
     )
-    for sub in (set_, remove):
+    for sub in (remove, set_):
         which = sub.add_mutually_exclusive_group()
         which.add_argument(
             "--credential-id",
-            help="the credential's id, a UUID" + (" (default: a new one)" if sub is set_ else ""),
-        )
+            help="the credential's id, a UUID"
+            + (" (default: the user's default credential, made at the first set)"
+               if sub is set_ else ""),
+        )  # fmt: skip
         which.add_argument(
             "--external-id",
             help="your own id for the credential, unique per user (header: ext:<id>)"
             + ("; needs --user" if sub is remove else ""),
         )
+    which.add_argument(  # set_'s group, made last
+        "--new", action="store_true", help="another credential of the user, with a new id"
+    )
     set_.add_argument("--label", help="a name to tell the user's credentials apart")
     set_.add_argument(
         "--default",
@@ -336,6 +341,10 @@ def _credentials_set(args: argparse.Namespace) -> int:
     if not token:
         raise ConfigError("the access token is empty")
     with contextlib.closing(open_credentials(config.storage)) as store:
+        if credential_id is None and args.external_id is None and not args.new:
+            # Naming none: the user's token, as before credentials had ids (its default).
+            default = store.find(project, args.user)
+            credential_id = None if default is None else default.id
         stored, new = store.set(
             project, args.user, token,
             credential_id=credential_id, external_id=args.external_id, label=args.label,

@@ -176,7 +176,8 @@ def test_credentials_set_makes_a_credential_with_a_new_uuid_and_prints_it(projec
         f"stored the access token of credential {made} (user 'u1', project 'p1', default; "
         "encrypted); no held events resumed\n"
     )
-    second = set_token(project_dir, "u1", "EAAB-second")  # another account: another credential
+    second = set_token(project_dir, "u1", "EAAB-second", "--new")  # another account
+    assert set_token(project_dir, "u1", "EAAB-first-renewed") == made  # naming none: the default
     chosen = uuid.uuid4()
     given = set_token(project_dir, "u1", "EAAB-third", "--credential-id", str(chosen).upper())
     assert given == str(chosen)  # canonical, as X-Paragon-Credential will name it
@@ -236,8 +237,8 @@ def test_the_first_credential_is_the_default_until_another_is_made_it(project_di
         return {row["ID"]: row["DEFAULT"] for row in listed(project_dir, "--user", "u1")}
 
     first = set_token(project_dir, "u1", "EAAB-a")
-    second = set_token(project_dir, "u1", "EAAB-b")
-    third = set_token(project_dir, "u1", "EAAB-c", "--default", "--label", "Brand")
+    second = set_token(project_dir, "u1", "EAAB-b", "--new")
+    third = set_token(project_dir, "u1", "EAAB-c", "--new", "--default", "--label", "Brand")
     other = set_token(project_dir, "u2", "EAAB-d")  # another user's: its own default
     assert defaults() == {first: "false", second: "false", third: "true"}
     moved = set_token(project_dir, "u1", "EAAB-a2", "--credential-id", first, "--default")
@@ -264,7 +265,7 @@ def test_list_shows_ids_labels_default_status_and_last_use_never_the_token(proje
     tokens = ["EAAB-listed-secret-a1", "EAAB-listed-secret-b2"]
     agency = set_token(project_dir, "u1", tokens[0], "--external-id", "acct-a", "--label",
                        "Agency BM")  # fmt: skip
-    brand = set_token(project_dir, "u1", tokens[1])
+    brand = set_token(project_dir, "u1", tokens[1], "--new")
     refusal = {"code": "CREDENTIAL_REFUSED", "message": "Meta refused the access token.",
                "upstream": {"code": 190, "error_subcode": 463, "fbtrace_id": "AbC"}}  # fmt: skip
     db = sqlite3.connect(project_dir / "funnelgate.db")
@@ -307,8 +308,8 @@ def test_list_shows_ids_labels_default_status_and_last_use_never_the_token(proje
 def test_remove_by_id_by_external_id_or_all_of_a_users(project_dir: Path):
     a = set_token(project_dir, "u1", "EAAB-a", "--external-id", "acct-a")
     b = set_token(project_dir, "u1", "EAAB-b", "--external-id", "acct-b")
-    c = set_token(project_dir, "u1", "EAAB-c")
-    e = set_token(project_dir, "u1", "EAAB-e", "--label", "Brand")
+    c = set_token(project_dir, "u1", "EAAB-c", "--new")
+    e = set_token(project_dir, "u1", "EAAB-e", "--new", "--label", "Brand")
     d = set_token(project_dir, "u2", "EAAB-d", "--external-id", "acct-a")  # same ext, other user
 
     def ids() -> set[str]:

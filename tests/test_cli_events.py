@@ -437,6 +437,26 @@ def test_credentials_set_resumes_that_credentials_held_events(capsys, config_pat
     assert code == 0 and out.endswith("; no held events resumed\n")
 
 
+def test_credentials_set_naming_no_credential_renews_the_users_default(
+    capsys, config_path: Path, db
+):
+    """As before credentials had ids: `set --user U` is U's token (its default credential),
+    so a refused token is renewed and its held events resume; `--new` adds another."""
+    default = stored(config_path)
+    resumed = held(db, 2, prefix="renewed", credential=default.id)
+    (config_path.parent / "token.txt").write_text("EAAB-renewed\n")
+    args = ("credentials", "set", "--config", str(config_path), "--project", "p1", "--user",
+            "u1", "--access-token-file", str(config_path.parent / "token.txt"))  # fmt: skip
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert out.startswith(f"replaced the access token of credential {default.id} ")
+    assert out.endswith("; 2 held event(s) resumed\n")
+    assert statuses(db, resumed) == ["queued"] * 2
+    code, out, _ = run(capsys, *args, "--new")
+    assert code == 0 and out.startswith("stored the access token of credential ")
+    assert default.id not in out
+
+
 def test_credentials_set_on_the_same_credential_replaces_its_token_and_makes_it_valid(
     capsys, config_path: Path, db
 ):

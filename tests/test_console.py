@@ -709,3 +709,31 @@ def test_the_log_holds_no_console_secret(console, graph, sign, log_capture: LogC
     text = "\n".join(map(str, log_capture.lines(console)))
     for secret in (ADMIN_TOKEN, "wrong-guess-token", console.cookies[auth.COOKIE]):
         assert secret not in text
+
+
+def test_a_replay_replays_the_rows_ticked_not_other_users_events_with_the_same_id(
+    console, graph, sign
+):
+    login(console)
+    for user in ("alice", "bob"):  # event ids are the callers': two customers, one id
+        graph.script.append(graph_error(400, 100, error_user_msg="Invalid parameter"))
+        send(console, sign, user=user, eventId="order-1")
+        deadline = time.monotonic() + 10
+        while statuses(console, "order-1").count("failed") < (1 if user == "alice" else 2):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    page = console.get("/console/failed").text
+    bobs, alices = seqs_on(page, "failed-event")  # newest first
+    sent = len(graph.received)
+    replay = console.post("/console/replay", data={"seq": alices, "csrf": csrf_of(page)},
+                          follow_redirects=False)  # fmt: skip
+    assert replay.status_code == 303
+    assert replay.headers["location"] == f"/console/replay?seq={alices}"
+    assert until_status(console, "order-1", "failed")  # bob's, newest, stays failed
+    deadline = time.monotonic() + 10
+    while "delivered" not in statuses(console, "order-1"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sorted(statuses(console, "order-1")) == ["delivered", "failed"]
+    assert seqs_on(console.get("/console/failed").text, "failed-event") == [bobs]
+    assert len(graph.received) == sent + 1

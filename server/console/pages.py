@@ -464,23 +464,12 @@ class Console:
         chosen = seqs(values, "seq", most=MAX_LIST)
         if not chosen:
             raise BadInput("Choose at least one event to replay.")
-        rows = await self.read(lambda db: queries.by_seq(db, chosen))
-        by_project: dict[str, list[str]] = {}
-        for row in rows:
-            if row.status == "failed":
-                by_project.setdefault(row.project_id, []).append(row.event_id)
         queue: Any = self.state.outbox
         now = self.clock()
-
-        def job(db: Any) -> list[EventStatus]:
-            return [
-                replayed
-                for project_id, event_ids in by_project.items()
-                for replayed in outbox.replay(db, now=now, project_id=project_id,
-                                              event_ids=event_ids, limit=MAX_LIST)
-            ]  # fmt: skip
-
-        replayed = await queue.write(job) if by_project else []
+        # By seq: the rows ticked, not every user's event with the same event_id.
+        replayed: list[EventStatus] = await queue.write(
+            lambda db: outbox.replay(db, now=now, seqs=chosen, limit=MAX_LIST)
+        )
         if replayed:
             # The queue's bound counts them; the dispatcher finds them due within a second
             # (it polls for the CLI's replays too).

@@ -489,6 +489,7 @@ def replay(
     now: float,
     project_id: str | None = None,
     event_ids: Sequence[str] = (),
+    seqs: Sequence[int] = (),
     all_failed: bool = False,
     after_seq: int = 0,
     limit: int = 1000,
@@ -501,8 +502,9 @@ def replay(
     Each call does at most `limit`: with `all_failed`, the failed rows after `after_seq` in
     seq order (pass the last seq returned to go on, so a long replay commits as it goes and
     never meets the rows it replayed again if they fail anew); with `event_ids`, the first
-    `limit` ids, looked up in `project_id` (required: the index is (project_id, event_id)).
-    `dry_run` only reads."""
+    `limit` ids, looked up in `project_id` (required: the index is (project_id, event_id));
+    with `seqs`, those rows only (an event id may be several users' events). `dry_run` only
+    reads."""
     newest = (
         "NOT EXISTS (SELECT 1 FROM outbox AS newer WHERE newer.project_id = outbox.project_id "
         "AND newer.event_id = outbox.event_id AND newer.user_id = outbox.user_id "
@@ -514,6 +516,14 @@ def replay(
             f"AND (?2 IS NULL OR project_id = ?2) AND {newest} ORDER BY seq LIMIT ?3",
             (after_seq, project_id, limit),
         ).fetchall()
+    elif seqs:
+        rows = []
+        for seq in seqs[:limit]:
+            rows += db.execute(
+                f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE seq = ? AND status = 'failed' "  # noqa: S608
+                f"AND {newest}",
+                (seq,),
+            ).fetchall()
     else:
         if project_id is None and event_ids:
             raise ValueError("replaying events by id needs their project")
