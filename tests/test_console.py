@@ -406,7 +406,7 @@ def test_no_page_shows_raw_customer_data_or_a_secret(console, graph, sign):
     body = html.unescape(pre[1])
     for key in ("client_ip_address", "client_user_agent", "fbc", "fbp"):
         assert f'"{key}": "{PRESENT}"' in body
-    assert '"event_source_url": "https://shop.example.com/thanks?…"' in body
+    assert '"event_source_url": "https://shop.example.com/…"' in body
     replayed = console.post("/console/replay", data={"seq": seq, "csrf": csrf_of(event)})
     pages = [event, replayed.text] + [
         console.get(path, params={"event_id": "order-1001"}).text for path in PAGES
@@ -683,7 +683,7 @@ def test_an_event_is_shown_with_digests_and_present_only():
         "custom_data": {"value": 9.5, "currency": "EUR", "search_string": PRESENT,
                         "contents": [{"id": "sku", "quantity": 1, "note": PRESENT}]},
         "app_data": PRESENT,
-        "event_source_url": "https://shop.example/p?…",
+        "event_source_url": "https://shop.example/…",
     }  # fmt: skip
 
 

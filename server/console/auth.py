@@ -13,9 +13,10 @@ on failed logins.
 - CSRF: the synchronizer token pattern, plus the standard-header check of the source origin
   (OWASP CSRF Prevention Cheat Sheet,
   https://cheatsheetseries.owasp.org/cheatsheets/Cross-Site_Request_Forgery_Prevention_Cheat_Sheet.html).
-- Failed logins: at most CLIENT_FAILURES per client address in CLIENT_WINDOW seconds, and
-  ALL_FAILURES from everyone in ALL_WINDOW, then 429 until the oldest ages out. Counted in
-  memory, bounded; neither the token tried nor the address is ever logged.
+- Failed logins: at most CLIENT_FAILURES per client address in CLIENT_WINDOW seconds, then 429
+  until the oldest ages out. Per address only: a bound on everyone's failures would let anyone
+  lock the admin out. Counted in memory, bounded; neither the token tried nor the address is
+  ever logged.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ TOKEN_FILE = "console.token"  # noqa: S105 - a file name; it holds a hash
 MAX_TOKEN_CHARS = 256  # a made token is 43; longer input is refused before it is hashed
 MAX_SESSIONS = 1000  # past it, a login ends the oldest session
 CLIENT_FAILURES, CLIENT_WINDOW = 10, 900.0
-ALL_FAILURES, ALL_WINDOW = 100, 60.0
 MAX_CLIENTS = 10_000  # client addresses remembered for the bound; the oldest go first
 COOKIE = "funnelgate_console"
 PATH = "/console"
@@ -169,28 +169,23 @@ def _key(session_id: str) -> bytes:
 
 
 class LoginThrottle:
-    """Failed logins, per client address and from everyone, in sliding windows."""
+    """Failed logins per client address, in a sliding window."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._clients: OrderedDict[str, deque[float]] = OrderedDict()
-        self._all: deque[float] = deque()
 
     def retry_after(self, client: str) -> float:
         """Seconds until `client` may try again; 0: now."""
         now = self._clock()
-        waits = [0.0]
-        for failures, limit, window in (
-            (self._clients.get(client), CLIENT_FAILURES, CLIENT_WINDOW),
-            (self._all, ALL_FAILURES, ALL_WINDOW),
-        ):
-            if failures is None:
-                continue
-            while failures and failures[0] <= now - window:
-                failures.popleft()
-            if len(failures) >= limit:
-                waits.append(failures[0] + window - now)
-        return max(waits)
+        failures = self._clients.get(client)
+        if failures is None:
+            return 0.0
+        while failures and failures[0] <= now - CLIENT_WINDOW:
+            failures.popleft()
+        if len(failures) < CLIENT_FAILURES:
+            return 0.0
+        return failures[0] + CLIENT_WINDOW - now
 
     def failed(self, client: str) -> None:
         now = self._clock()
@@ -199,9 +194,6 @@ class LoginThrottle:
         self._clients[client] = failures  # now the newest
         while len(self._clients) > MAX_CLIENTS:
             self._clients.popitem(last=False)
-        if len(self._all) >= ALL_FAILURES:
-            self._all.popleft()
-        self._all.append(now)
 
     def succeeded(self, client: str) -> None:
         self._clients.pop(client, None)

@@ -78,7 +78,8 @@ def _custom_value(key: str, value: Any) -> Any:
 
 
 def _url(url: str) -> str:
-    """Without user:password@, query and fragment (forms put e-mails in queries)."""
+    """The scheme, host and port only: user:password@, paths (`/u/jane@example.com/orders`),
+    queries and fragments may all carry personal data."""
     try:
         parts = urlsplit(url)
         port = f":{parts.port}" if parts.port is not None else ""
@@ -86,5 +87,5 @@ def _url(url: str) -> str:
         return PRESENT
     if not parts.scheme or not parts.hostname:
         return PRESENT
-    cut = "?…" if parts.query or parts.fragment else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}{cut}"
+    rest = "/…" if parts.path.strip("/") or parts.query or parts.fragment else parts.path
+    return f"{parts.scheme}://{parts.hostname}{port}{rest}"
