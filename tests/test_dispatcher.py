@@ -20,7 +20,8 @@ from server.delivery.dispatcher import LEASE_SECONDS, Dispatcher
 from server.delivery.graph import GraphClient
 from server.delivery.throttle import Breakers
 from server.storage import outbox
-from server.storage.credentials import open_credentials
+from server.storage.credentials import CredentialStore, open_credentials
+from server.storage.crypto import SecretKeyError
 from server.storage.outbox import NewEvent, Outbox
 from tests.support import NOW, PIXEL, PROJECT, FakeGraph, Step, graph_error, make_config
 
@@ -359,3 +360,32 @@ def test_a_credentials_last_use_is_written_once_for_many_sends(harness):
     assert used is not None and used.last_used_at is not None
     assert abs(used.last_used_at - time.time()) < 60
     assert len(harness.graph.received) == 3  # three sends, one write
+
+
+def test_a_token_no_key_opens_keeps_its_events_queued_until_it_opens(harness, monkeypatch):
+    store = open_credentials(harness.config.storage)
+    credential, _ = store.set(PROJECT, USER, "EAAB-sealed")
+    store.close()
+    real = CredentialStore.token_of
+    broken = {"now": True}
+
+    def token_of(self: CredentialStore, project: Any, credential_id: str | None) -> str | None:
+        if broken["now"] and credential_id == credential.id:
+            raise SecretKeyError("a key that is not configured")
+        return real(self, project, credential_id)
+
+    monkeypatch.setattr(CredentialStore, "token_of", token_of)
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await queue.enqueue([new(1, credential=credential.id)])
+        dispatcher.wake()
+        await asyncio.sleep(0.5)
+        waiting = rows(queue)["e1"]
+        assert (waiting.status, waiting.next_at) == ("queued", NOW + 60)  # not failed: waits
+        broken["now"] = False  # the key is back
+        harness.clock.now += 61
+        dispatcher.wake()
+        return await until(queue, lambda c: c["delivered"] == 1)
+
+    assert harness.run(body)["delivered"] == 1
+    assert [b["access_token"] for b in harness.graph.bodies()] == ["EAAB-sealed"]

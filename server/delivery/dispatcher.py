@@ -62,6 +62,8 @@ POLL_SECONDS = 1.0  # replays from the CLI and ended leases are seen at least th
 RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 1.0, 900.0
 PRUNE_EVERY_SECONDS = 3600.0
 RECOUNT_EVERY_SECONDS = 60.0
+UNREADABLE = "\x00unreadable"  # _token's answer for a token no key opens (never a token)
+UNREADABLE_RETRY_SECONDS = 60.0
 
 _EXPIRED = "The event became older than Meta accepts (7 days; 62 for physical_store) first."
 _NO_CREDENTIAL = "Integration not enabled for user."  # ActionKit's words (server/errors.py)
@@ -247,6 +249,7 @@ class Dispatcher:
         orphaned: list[Claimed] = []
         uncredentialed: list[Claimed] = []  # for the project's token, which is gone
         removed: list[Claimed] = []  # for a credential that was removed
+        unreadable: list[Claimed] = []  # a token no configured key opens: wait for the key
         for row in rows:
             project = self._config.projects.get(row.project_id)
             if row.expires_at <= now:
@@ -261,6 +264,9 @@ class Dispatcher:
                 if token is None:
                     (uncredentialed if row.credential_id is None else removed).append(row)
                     continue
+                if token == UNREADABLE:
+                    unreadable.append(row)
+                    continue
                 key = (row.project_id, row.pixel_id, row.credential_id, token,
                        project.facebook_app_secret, row.test_event_code)  # fmt: skip
                 groups[key].append(row)
@@ -268,17 +274,22 @@ class Dispatcher:
         await self._fail(orphaned, now, "UNKNOWN_PROJECT", "Its project is no longer configured.")
         await self._fail(uncredentialed, now, "INTEGRATION_NOT_ENABLED", _NO_CREDENTIAL)
         await self._fail(removed, now, CREDENTIAL_REMOVED["code"], CREDENTIAL_REMOVED["message"])
+        if unreadable:
+            later = now + UNREADABLE_RETRY_SECONDS
+            await self._reschedule(unreadable, lambda _row: later, attempted=False, error=None)
         for key, group in groups.items():
             for start in range(0, len(group), MAX_EVENTS_PER_REQUEST):
                 self._spawn(key, group[start : start + MAX_EVENTS_PER_REQUEST])
 
     def _token(self, project: Project, credential_id: str | None) -> str | None:
+        """The credential's token now; None when it is gone, UNREADABLE when no configured
+        key opens it (a key file changed: its events wait for the key, they are not lost)."""
         try:
             return self._credentials.token_of(project, credential_id)
-        except Exception as exc:  # a key that no longer opens it: as if it were gone
+        except Exception as exc:
             log("credential_unreadable", logging.ERROR, project=project.id,
                 error=type(exc).__name__)  # fmt: skip
-            return None
+            return UNREADABLE
 
     async def _fail(
         self,
