@@ -19,7 +19,7 @@ from server.runner import Access, Preferences, Queued, Runner, status_path
 from server.sandbox import SandboxGraph
 from server.storage import outbox
 from server.storage.credentials import MAX_SELECTOR
-from tools.base import JsonAnswer
+from tools.base import FACEBOOK_ADS, JsonAnswer
 from tools.limits import MAX_ANY_STRING
 
 MAX_WAIT_SECONDS = 3600  # a `Prefer: wait` beyond this is read as this
@@ -165,7 +165,7 @@ def _applied(prefer: Preferences, *, queued: bool) -> dict[str, str] | None:
 
 async def event_status(request: Request) -> Response:
     """GET /projects/{id}/events/{event_id}: a queued event's state, for its own user only."""
-    project, user_id, _ = authenticate(request)
+    project, user_id, permissions = authenticate(request)
     event_id = request.path_params["event_id"]
     found = None
     if len(event_id) <= MAX_ANY_STRING:  # no longer id was ever accepted (tools/limits.py)
@@ -175,7 +175,10 @@ async def event_status(request: Request) -> Response:
     if found is None:
         raise NotFound("No queued event with this event_id for this user.", code="NOT_FOUND")
     runner: Runner = request.app.state.runner
-    return json_response(found.public(runner.credential_status(project.id, found.credential_id)))
+    body = found.public(runner.credential_status(project.id, found.credential_id))
+    if not permissions.may_use_credential(FACEBOOK_ADS.name, found.credential_id):
+        body.pop("credential", None)  # a credential the token may not see
+    return json_response(body)
 
 
 def _prefers_markdown(accept: str) -> bool:

@@ -370,6 +370,9 @@ def test_a_queued_event_keeps_its_credential_and_waits_while_it_is_refused(accou
     held = accounts.status(location, until=lambda body: body.get("held", False))
     assert (held["status"], held["held"]) == ("queued", True)
     assert held["credential"] == {"id": A, "status": "invalid"}
+    only_b = {"integration:*": False, f"credential:{B}": True}
+    seen = accounts.client.get(location, headers=accounts.headers(None, only_b, "user-1"))
+    assert seen.status_code == 200 and "credential" not in seen.json()  # A is not this token's
     assert accounts.store.by_id(PROJECT, A).status == "invalid"
     assert accounts.sent_with() == [TOKENS[A]]
 
