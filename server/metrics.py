@@ -38,11 +38,11 @@ lookup for the children of its label set (`.labels()` runs once per set, then is
 increment and one observation; a project call adds a gauge increment and decrement. The queue
 gauges are read when scraped, off the event loop, on a database connection of their own.
 
-With several worker processes, prometheus-client's multiprocess mode applies
-(`PROMETHEUS_MULTIPROC_DIR`): counters and histograms then live in files each worker writes,
-and `/metrics` sums them (`MultiProcessCollector`); the in-flight gauge is declared `livesum`
-for it. The queue gauges come from the database all workers share, so they are right as they
-are; the dropped-lines count is per process and would need to become a counter of its own.
+One process today. Several worker processes (not built yet) will need prometheus-client's
+multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`, not used here): counters and histograms in files
+each worker writes, summed by `MultiProcessCollector`; the in-flight gauge is already declared
+`livesum` for it. The queue gauges come from the shared database and would stay as they are;
+the dropped-lines count is per process and would need to become a counter of its own.
 """
 
 from __future__ import annotations
