@@ -86,11 +86,17 @@ class Permissions:
 UNRESTRICTED = Permissions()
 
 
+def canonical_id(credential_id: str) -> str:
+    """A UUID in its lower-case form (RFC 9562 §4: UUIDs are case-insensitive on input), as
+    credential ids are stored; anything else as it is."""
+    try:
+        return str(uuid.UUID(credential_id))
+    except ValueError:
+        return credential_id
+
+
 def _canonical(scope: str) -> str:
     """`credential:` and a UUID in its lower-case hyphenated form; any other scope as is."""
     if not scope.startswith(_CREDENTIAL) or scope == "credential:*":
         return scope
-    try:
-        return _CREDENTIAL + str(uuid.UUID(scope[len(_CREDENTIAL) :]))
-    except ValueError:
-        return scope
+    return _CREDENTIAL + canonical_id(scope[len(_CREDENTIAL) :])

@@ -264,6 +264,23 @@ class Runner:
         except InvalidEvent as exc:
             raise InvalidParameters(exc.violations) from None
 
+    def _checked(
+        self,
+        project: Project,
+        user_id: str,
+        tool_name: str,
+        parameters: Any,
+        *,
+        new_id: Callable[[], str] | None,
+        access: Access,
+    ) -> tuple[EventBatch, Account | None]:
+        """The call's events and its credential, once every check passed: the permissions
+        before any work on the input, then validation and mapping, then the credential."""
+        integration = self._entry(tool_name).tool.integration.name
+        _permit(access.permissions, integration)
+        batch = self.prepare(project, tool_name, parameters, new_id=new_id)
+        return batch, self.account(project, user_id, integration, access)
+
     async def run(
         self,
         project: Project,
@@ -277,10 +294,9 @@ class Runner:
     ) -> Answer | Queued:
         """The tool's answer from Meta's (by default Meta's JSON, unwrapped), or `Queued`.
         Nothing is sent or queued unless every check passed."""
-        integration = self._entry(tool_name).tool.integration.name
-        _permit(access.permissions, integration)  # before any work on the input
-        batch = self.prepare(project, tool_name, parameters, new_id=new_id)
-        account = self.account(project, user_id, integration, access)
+        batch, account = self._checked(
+            project, user_id, tool_name, parameters, new_id=new_id, access=access
+        )
         if account is None:
             raise IntegrationNotEnabled
         if prefer.respond_async or self._config.delivery_mode(project) == "queued":
@@ -446,10 +462,9 @@ class Runner:
     ) -> dict[str, Any]:
         """The exact Graph request the call would make, less credentials, and which
         credential it would go with; sends nothing."""
-        integration = self._entry(tool_name).tool.integration.name
-        _permit(access.permissions, integration)  # before any work on the input
-        batch = self.prepare(project, tool_name, parameters, new_id=new_id)
-        account = self.account(project, user_id, integration, access)
+        batch, account = self._checked(
+            project, user_id, tool_name, parameters, new_id=new_id, access=access
+        )
         return {
             "dry_run": True,
             "integration_enabled": account is not None,

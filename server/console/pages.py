@@ -328,7 +328,7 @@ class Console:
                 minutes.series(db, day, until),
                 minutes.pixels(db, day),
                 minutes.failure_codes(db, day),
-                queries.oldest_pending(db),
+                outbox.oldest_pending(db),
             )
 
         day_series, pixels, codes, oldest = await self.read(job)

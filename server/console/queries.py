@@ -112,17 +112,6 @@ def lookup(
     return rows[:limit]
 
 
-def oldest_pending(db: sqlite3.Connection) -> float | None:
-    """When the oldest queued or held event was accepted (reads only pending rows, through
-    their partial indexes)."""
-    row = db.execute(
-        "SELECT (SELECT min(created_at) FROM outbox WHERE status = 'queued'), "
-        "(SELECT min(created_at) FROM outbox WHERE status = 'held')"
-    ).fetchone()
-    values = [float(value) for value in row if value is not None]  # SQL's min() of a NULL is NULL
-    return min(values) if values else None
-
-
 class Failure(NamedTuple):
     code: str
     message: str  # funnelgate's

@@ -36,6 +36,7 @@ import orjson
 
 from server.config import Project, StorageSettings
 from server.errors import ConfigError
+from server.permissions import canonical_id
 from server.storage.crypto import NO_KEY_HINT, Keyring
 from server.storage.outbox import tie_to_credentials
 
@@ -419,15 +420,6 @@ def mark_invalid(
         "WHERE project_id = ? AND credential_id = ? AND (?4 IS NULL OR sealed_token = ?4)",
         (orjson.dumps(error), project_id, credential_id, refused),
     )
-
-
-def canonical_id(credential_id: str) -> str:
-    """A UUID in its lower-case form (RFC 9562 §4: UUIDs are case-insensitive on input), as
-    ids are stored; anything else as it is."""
-    try:
-        return str(uuid.UUID(credential_id))
-    except ValueError:
-        return credential_id
 
 
 def write_uses(db: sqlite3.Connection, uses: Uses) -> None:
