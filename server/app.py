@@ -39,6 +39,7 @@ from server.errors import (
     MethodNotAllowed,
     NotFound,
     Overloaded,
+    StorageUnavailable,
 )
 from server.idempotency import Idempotency
 from server.logs import (
@@ -55,7 +56,8 @@ from server.observe import Observers
 from server.responses import error_response
 from server.runner import Runner
 from server.sandbox import SandboxGraph, sandbox_app
-from server.storage.credentials import open_credentials
+from server.storage.credentials import Credentials, keyring_of, open_credentials
+from server.storage.database import ERRORS, open_database
 from server.storage.outbox import Outbox
 from server.tally import Latencies, Tally
 from tools.catalog import load_catalog, load_openapi, served_openapi
@@ -89,8 +91,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        credentials = open_credentials(config.storage)
-        queue = Outbox(config.storage.database_path, clock=clock)
+        open_credentials(config.storage).close()  # the schema brought up to date, keys checked
+        database = open_database(config.storage.database_path, config.storage.url)
+        queue = Outbox(database, clock=clock)
+        credentials = Credentials(database, keyring_of(config.storage))
         transport = graph_transport or AiohttpTransport(graph_settings.max_connections)
         tally, latencies = Tally(queue, clock=clock), Latencies()
         # The metrics and the console's counters listen here.
@@ -111,11 +115,12 @@ def create_app(
             observers=observers,
         )  # fmt: skip
         app.state.mcp = session_manager()
+        database.listen(dispatcher.wake)  # other instances' events, at once (PostgreSQL)
         dispatcher.start()
         tally.start()
         try:
             async with (
-                serving_metrics(metrics, config.metrics, config.storage.database_path),
+                serving_metrics(metrics, config.metrics, database),
                 app.state.mcp.run(),
             ):
                 yield
@@ -126,7 +131,6 @@ def create_app(
             await tally.stop()
             await graph.aclose()
             queue.close()
-            credentials.close()
 
     app = Starlette(
         routes=[
@@ -141,7 +145,11 @@ def create_app(
             Route("/openapi.json", routes.openapi, methods=["GET"]),
             *extra_routes,
         ],
-        exception_handlers={FunnelgateError: _funnelgate_error, HTTPException: _http_error},
+        exception_handlers={
+            FunnelgateError: _funnelgate_error,
+            HTTPException: _http_error,
+            **dict.fromkeys(ERRORS, _storage_error),
+        },
         lifespan=lifespan,
     )
     app.state.config = config
@@ -196,6 +204,12 @@ async def _funnelgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, FunnelgateError)
     request.state.error_code = exc.code
     return error_response(exc)
+
+
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    """A read the route made itself failed (the database went away): a documented 503."""
+    log("storage_read_failed", logging.ERROR, error=type(exc).__name__)
+    return await _funnelgate_error(request, StorageUnavailable(reading=True))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

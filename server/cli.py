@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import sys
 import time
 import uuid
@@ -29,7 +28,7 @@ from starlette.types import ASGIApp
 from server.config import Config, load_config
 from server.durations import human_age
 from server.errors import ConfigError
-from server.storage import outbox
+from server.storage import outbox, schema_pg
 from server.storage.credentials import (
     EXTERNAL,
     MAX_SELECTOR,
@@ -37,8 +36,9 @@ from server.storage.credentials import (
     CredentialStore,
     open_credentials,
 )
+from server.storage.database import ERRORS, Connection, connect_sync, first_line, is_postgres
 from server.storage.outbox import CREDENTIAL_REMOVED, EventStatus
-from server.storage.writer import connect
+from server.storage.schema import upgrade_schema
 
 VERSION = version("funnelgate")
 
@@ -50,8 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"funnelgate: {exc}", file=sys.stderr)
         return 2
-    except sqlite3.Error as exc:  # e.g. the server held the write lock past busy_timeout
-        print(f"funnelgate: storage: {exc}", file=sys.stderr)
+    except ERRORS as exc:  # e.g. the server held the write lock past busy_timeout
+        print(f"funnelgate: storage: {first_line(exc)}", file=sys.stderr)
         return 1
     return result
 
@@ -157,7 +157,31 @@ def _parser() -> argparse.ArgumentParser:
     rotate.set_defaults(handler=_credentials_rotate_key)
     _events_parser(commands)
     _console_parser(commands)
+    _db_parser(commands)
     return parser
+
+
+def _db_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    db = commands.add_parser("db", help="the database's schema")
+    actions = db.add_subparsers(required=True, metavar="ACTION")
+    upgrade = actions.add_parser(
+        "upgrade",
+        help="bring the schema to this version's (serve does it at start; safe while other "
+        "instances start or run)",
+    )
+    _config_arg(upgrade)
+    upgrade.set_defaults(handler=_db_upgrade)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    config = _config(args)
+    before, after = upgrade_schema(config.storage)
+    where = config.storage.where
+    if before == after:
+        print(f"{where}: schema version {after}, up to date")
+    else:
+        print(f"{where}: schema version {before} -> {after}")
+    return 0
 
 
 def _events_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -497,7 +521,7 @@ def _missing(credential_id: str | None, external_id: str | None, user: str | Non
     return f"no credentials{of_user}"
 
 
-def _settle_held(config: Config, step: Callable[[sqlite3.Connection, int], int]) -> int:
+def _settle_held(config: Config, step: Callable[[Connection, int], int]) -> int:
     """Runs `step` (a release or a fail of held rows, at most BATCH each, one transaction each)
     until it changes none: the running server's writer never waits long on the CLI."""
     total = 0
@@ -608,18 +632,23 @@ _DURATION = re.compile(r"(\d{1,7})([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def _outbox_db(config: Config) -> sqlite3.Connection:
-    """The server's database (WAL: the CLI reads and writes while it runs), with the outbox
-    table. Never created here: a missing file means a config that is not the server's."""
+def _outbox_db(config: Config) -> Connection:
+    """The server's database (the CLI reads and writes while servers run), its schema brought
+    up to date. A SQLite file is never created here: a missing file means a config that is not
+    the server's."""
     path = config.storage.database_path
-    if not path.exists():
-        raise ConfigError(f"no database at {path}: is this the config the server runs with?")
-    _unverified(config).close()  # brings the file to the current schema version first
-    db = connect(path)
+    if config.storage.url is None:
+        if not path.exists():
+            raise ConfigError(f"no database at {path}: is this the config the server runs with?")
+        _unverified(config).close()  # brings the file to the current schema version first
+    db = connect_sync(path, config.storage.url)
     try:
-        # The server's writer may commit back to back under load: the CLI waits its turn.
-        db.execute(f"PRAGMA busy_timeout={CLI_BUSY_TIMEOUT_MS}")
-        outbox.create_schema(db)
+        if is_postgres(db):
+            schema_pg.upgrade(db)
+        else:
+            # The server's writer may commit back to back under load: the CLI waits its turn.
+            db.execute(f"PRAGMA busy_timeout={CLI_BUSY_TIMEOUT_MS}")
+            outbox.create_schema(db)
     except BaseException:
         db.close()
         raise
@@ -818,7 +847,7 @@ def _events_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_batches(
-    db: sqlite3.Connection,
+    db: Connection,
     now: float,
     projects: Sequence[str],
     project: str | None,
@@ -847,7 +876,7 @@ def _replay_batches(
 
 
 def _transaction(
-    db: sqlite3.Connection,
+    db: Connection,
     read_only: bool,
     job: Callable[..., list[EventStatus]],
     **kwargs: Any,
@@ -876,7 +905,7 @@ def _let_the_server_write(held: float) -> None:
     time.sleep(max(LOCK_GAP_SECONDS, held))
 
 
-def _newest_status(db: sqlite3.Connection, projects: Sequence[str], event_id: str) -> str | None:
+def _newest_status(db: Connection, projects: Sequence[str], event_id: str) -> str | None:
     """Why an id was not replayed: the status of its newest row, if any."""
     for project in projects:
         row = db.execute(
@@ -891,7 +920,7 @@ def _newest_status(db: sqlite3.Connection, projects: Sequence[str], event_id: st
 
 @contextlib.contextmanager
 def _progress(
-    db: sqlite3.Connection, args: argparse.Namespace, project: str | None, ids: Sequence[str]
+    db: Connection, args: argparse.Namespace, project: str | None, ids: Sequence[str]
 ) -> Iterator[Callable[[int], None]]:
     """A progress bar on a terminal's stderr for a replay of more than one batch."""
     if not sys.stderr.isatty():

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import phonenumbers
+import psycopg
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from psycopg.conninfo import conninfo_to_dict
 
 from server.errors import ConfigError
 from server.storage.crypto import ENV_VAR as SECRET_KEY_ENV
@@ -70,6 +72,17 @@ class StorageSettings:
     secret_key_file: Path | None = None
     secret_key_origin: str = ""  # for messages: where the keys came from
     retention_days: float = 7.0  # delivered and failed events are kept this long
+    # A PostgreSQL connection URI: the database several instances share (None: the SQLite file).
+    url: str | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        """The database, for messages: the file, or PostgreSQL's host and database name (the
+        URI may hold a password)."""
+        if self.url is None:
+            return str(self.database_path)
+        info = conninfo_to_dict(self.url)
+        return f"postgresql {info.get('host', 'localhost')}/{info.get('dbname', '')}"
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,9 @@ class Config:
 
 _TOP_LEVEL = ("graph", "storage", "server", "delivery", "metrics", "console", "projects")
 _STORAGE_KEYS = ("url", "secret_key_file", "retention_days")
+DATABASE_URL_ENV = "FUNNELGATE_DATABASE_URL"  # wins over [storage] url, as env does
+DEFAULT_URL = "sqlite:///funnelgate.db"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _SECRETS = ("facebook_access_token", "facebook_app_secret")
 _PROJECT_KEYS = (
     "id", "jwt_public_key", "jwt_public_key_file", "default_phone_region", "test_event_code",
@@ -265,25 +281,42 @@ def _storage(
     table: dict[str, Any], base_dir: Path, env: dict[str, str], where: str
 ) -> StorageSettings:
     _refuse_unknown(table, _STORAGE_KEYS, where)
-    database = _sqlite_path(_str(table, "url", where, "sqlite:///funnelgate.db"), base_dir, where)
+    url = env.get(DATABASE_URL_ENV, "").strip() or _str(table, "url", where, DEFAULT_URL)
+    database_url = _postgres_url(url, where) if url.startswith(POSTGRES_SCHEMES) else None
+    # With PostgreSQL the path is unused but for what lives beside it (console.token).
+    database = base_dir / "funnelgate.db" if database_url else _sqlite_path(url, base_dir, where)
     retention = _number(table, "retention_days", where, StorageSettings.retention_days)
     if from_env := env.get(SECRET_KEY_ENV, "").strip():  # wins over the file, as env does
         keys = parse_secret_keys(from_env, SECRET_KEY_ENV)
-        return StorageSettings(database, keys, None, SECRET_KEY_ENV, retention)
+        return StorageSettings(database, keys, None, SECRET_KEY_ENV, retention, database_url)
     if "secret_key_file" not in table:
-        return StorageSettings(database, retention_days=retention)
+        return StorageSettings(database, retention_days=retention, url=database_url)
     key_file = base_dir / _str(table, "secret_key_file", where)
     try:
         keys = read_secret_key_file(key_file)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return StorageSettings(database, keys, key_file, f"secret_key_file {key_file}", retention)
+    return StorageSettings(
+        database, keys, key_file, f"secret_key_file {key_file}", retention, database_url
+    )
+
+
+def _postgres_url(url: str, where: str) -> str:
+    """A PostgreSQL connection URI (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-URIS),
+    checked by libpq's own parser; never echoed (it may hold a password)."""
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise ConfigError(f"{where}: url is not a valid postgresql:// connection URI") from None
+    return url
 
 
 def _sqlite_path(url: str, base_dir: Path, where: str) -> Path:
     prefix = "sqlite:///"
     if not url.startswith(prefix):
-        raise ConfigError(f"{where}: url must be sqlite:///PATH (got scheme of {url!r})")
+        raise ConfigError(
+            f"{where}: url must be sqlite:///PATH or postgresql://... (got scheme of {url!r})"
+        )
     path = Path(url[len(prefix) :])
     return path if path.is_absolute() else base_dir / path
 

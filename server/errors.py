@@ -210,9 +210,12 @@ class QueueFull(Overloaded):
 class StorageUnavailable(Overloaded):
     code = "STORAGE_UNAVAILABLE"
 
-    def __init__(self) -> None:
+    def __init__(self, *, reading: bool = False) -> None:
         FunnelgateError.__init__(
-            self, "funnelgate could not write the events to its storage; nothing was queued."
+            self,
+            "funnelgate's storage did not answer; nothing was sent or queued."
+            if reading
+            else "funnelgate could not write the events to its storage; nothing was queued.",
         )
 
     def headers(self) -> dict[str, str]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -50,6 +49,7 @@ from server.errors import (
 )
 from server.logs import log
 from server.responses import error_response
+from server.storage.database import ERRORS, Connection
 from server.storage.idempotency import KEY_TTL_SECONDS, Stored, lookup, save
 from tools.base import Violation
 
@@ -68,9 +68,9 @@ class Store(Protocol):
     """The server's `Outbox` (storage/outbox.py): writes through the shared group-commit
     writer, reads on its own connection."""
 
-    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T: ...
+    async def write(self, job: Callable[[Connection], T]) -> T: ...
 
-    def read(self, job: Callable[[sqlite3.Connection], T]) -> T: ...
+    async def read(self, job: Callable[[Connection], T]) -> T: ...
 
 
 # --- the key and the request: pure --------------------------------------------------------
@@ -200,13 +200,18 @@ class Idempotency:
         if running is not None:
             raise IdempotencyInProgress if running == fp else IdempotencyKeyReused
         now = self._clock()
-        stored = self._store.read(lambda db: lookup(db, *scope, since=now - KEY_TTL_SECONDS))
-        if stored is not None:
-            if stored.fingerprint != fp:
-                raise IdempotencyKeyReused
-            return _replay(stored)
-        self._running[scope] = fp  # no await since the look-ups: nothing slipped in between
+        # Claimed before the look-up's await: a second call meanwhile meets this one. (Across
+        # instances two calls may both run; their event ids derive from the key, so Meta
+        # deduplicates them, and the first answer stored is the one replayed.)
+        self._running[scope] = fp
         try:
+            stored = await self._store.read(
+                lambda db: lookup(db, *scope, since=now - KEY_TTL_SECONDS)
+            )
+            if stored is not None:
+                if stored.fingerprint != fp:
+                    raise IdempotencyKeyReused
+                return _replay(stored)
             try:
                 response = await call(derived_ids(project_id, user_id, key, fp))
             except FunnelgateError as exc:
@@ -236,7 +241,7 @@ class Idempotency:
         )
         try:
             await self._store.write(lambda db: save(db, *scope, stored))
-        except sqlite3.Error as exc:
+        except ERRORS as exc:
             # The call's effect stands and its answer goes out; a retry re-runs it with the
             # same event ids, which Meta deduplicates.
             log("idempotency_not_stored", logging.WARNING, error=type(exc).__name__)

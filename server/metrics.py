@@ -55,7 +55,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import uvicorn
 from prometheus_client import (
@@ -78,6 +77,8 @@ from server.config import MetricsSettings
 from server.delivery.policy import Verdict
 from server.observe import Listener
 from server.storage import outbox
+from server.storage.database import ERRORS, Connection, Database, SqliteDatabase
+from server.storage.outbox import Gauges
 from server.storage.writer import connect
 from tools.base import EventBatch
 
@@ -249,7 +250,7 @@ class Metrics(Listener):
 
     # --- the queue, read when scraped ---------------------------------------------------------
 
-    def watch(self, database: Path) -> None:
+    def watch(self, database: Database) -> None:
         """Read the queue gauges from `database` (on a connection of their own) from now on."""
         self._scraped.open(database)
 
@@ -271,13 +272,19 @@ class _Scraped(Collector):
         self._clock = clock
         self._lock = threading.Lock()  # one scrape at a time on the connection
         self._db: sqlite3.Connection | None = None
+        self._read: Callable[[Callable[[Connection], Gauges]], Gauges] | None = None
 
-    def open(self, database: Path) -> None:
+    def open(self, database: Database) -> None:
         with self._lock:
-            self._db = connect(database)
+            if isinstance(database, SqliteDatabase):
+                self._db = db = connect(database.path)
+                self._read = lambda job: job(db)
+            else:  # PostgreSQL: its pooled readers are safe in any thread
+                self._read = database.read_now
 
     def close(self) -> None:
         with self._lock:
+            self._read = None
             if self._db is not None:
                 self._db.close()
                 self._db = None
@@ -289,11 +296,11 @@ class _Scraped(Collector):
             value=logs.dropped_lines(),
         )
         with self._lock:
-            if self._db is None:
+            if self._read is None:
                 return
             try:
-                queued, held, failed, oldest = outbox.gauges(self._db)
-            except sqlite3.Error as exc:  # a scrape without the queue, not a failed scrape
+                queued, held, failed, oldest = self._read(outbox.gauges)
+            except ERRORS as exc:  # a scrape without the queue, not a failed scrape
                 logs.log("metrics_queue_unread", logging.ERROR, error=type(exc).__name__)
                 return
         queue = GaugeMetricFamily(
@@ -320,7 +327,7 @@ class _Scraped(Collector):
 
 @asynccontextmanager
 async def serving_metrics(
-    counts: Metrics | None, settings: MetricsSettings, database: Path
+    counts: Metrics | None, settings: MetricsSettings, database: Database
 ) -> AsyncIterator[None]:
     """While the app runs (its lifespan): the queue gauges read from `database`, and the
     metrics port when `settings` names one."""

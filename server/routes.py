@@ -50,7 +50,9 @@ async def _run(request: Request, name_key: str) -> Response:
             fp = fingerprint(tool_name, parameters, selector)
             new_id = derived_ids(project.id, user_id, key, fp)
         return json_response(
-            runner.dry_run(project, user_id, tool_name, parameters, new_id=new_id, access=access)
+            await runner.dry_run(
+                project, user_id, tool_name, parameters, new_id=new_id, access=access
+            )
         )
     sent = parameters  # the request's identity: as sent, before the Accept-driven default
     preferences = _preferences(prefer)
@@ -81,7 +83,7 @@ async def _run(request: Request, name_key: str) -> Response:
     if key is None:
         return await call(None)
     if tool_name in runner.catalog:  # a replay answers only what this token may use
-        runner.authorize(project, user_id, tool_name, access)
+        await runner.authorize(project, user_id, tool_name, access)
     idempotency: Idempotency = request.app.state.idempotency
     return await idempotency.handle(
         project.id, user_id, key,
@@ -169,13 +171,13 @@ async def event_status(request: Request) -> Response:
     event_id = request.path_params["event_id"]
     found = None
     if len(event_id) <= MAX_ANY_STRING:  # no longer id was ever accepted (tools/limits.py)
-        found = request.app.state.outbox.read(
+        found = await request.app.state.outbox.read(
             lambda db: outbox.event_status(db, project.id, user_id, event_id)
         )
     if found is None:
         raise NotFound("No queued event with this event_id for this user.", code="NOT_FOUND")
     runner: Runner = request.app.state.runner
-    body = found.public(runner.credential_status(project.id, found.credential_id))
+    body = found.public(await runner.credential_status(project.id, found.credential_id))
     if not permissions.may_use_credential(FACEBOOK_ADS.name, found.credential_id):
         body.pop("credential", None)  # a credential the token may not see
     return json_response(body)
@@ -237,7 +239,7 @@ async def _list(request: Request, keys: tuple[str, ...]) -> Response:
     integrations, categories = _csv(request, "integrations"), _csv(request, "categories")
     runner: Runner = request.app.state.runner
     if access.selector is not None:  # a credential named is one of the user's, or a 400
-        runner.named(project, user_id, access.selector)
+        await runner.named(project, user_id, access.selector)
     grouped: dict[str, list[dict[str, Any]]] = {}
     limit = _flag(request, "limit_to_available", default=True)
     shown: dict[str, bool] = {}  # per integration: what the token may use (and has, with limit)
@@ -249,7 +251,7 @@ async def _list(request: Request, keys: tuple[str, ...]) -> Response:
             continue
         if integration.name not in shown:
             shown[integration.name] = (
-                runner.available(project, user_id, integration.name, access)
+                await runner.available(project, user_id, integration.name, access)
                 if limit
                 else permissions.may_use_integration(integration.name)
             )

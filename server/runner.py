@@ -41,7 +41,7 @@ from server.logs import clip, log
 from server.observe import Observers
 from server.permissions import UNRESTRICTED, Permissions
 from server.storage import credentials, outbox
-from server.storage.credentials import Credential, CredentialStore
+from server.storage.credentials import Credential, Credentials
 from server.storage.outbox import NewEvent, Outbox
 from server.validation import ParameterValidator
 from tools.base import Answer, BuildContext, EventBatch, InvalidEvent, Violation
@@ -134,7 +134,7 @@ class Runner:
     def __init__(
         self,
         catalog: Mapping[str, Entry],
-        credentials: CredentialStore,
+        credentials: Credentials,
         sender: Sender,
         queue: Outbox,
         config: Config,
@@ -160,7 +160,7 @@ class Runner:
         self._observers = observers or Observers()
         self._settling: set[asyncio.Task[Any]] = set()
 
-    def account(
+    async def account(
         self,
         project: Project,
         user_id: str,
@@ -172,7 +172,7 @@ class Runner:
         token may not use it."""
         selector, permissions = access
         _permit(permissions, integration)
-        found = self._credentials.find(project.id, user_id, selector)
+        found = await self._credentials.find(project.id, user_id, selector)
         if selector is not None and found is None:
             raise CredentialNotFound
         if found is None and not project.facebook_access_token:
@@ -186,14 +186,14 @@ class Runner:
         source = "header" if selector else "default" if found else "project"
         return Account(found, source)
 
-    def named(self, project: Project, user_id: str, selector: str) -> Credential:
+    async def named(self, project: Project, user_id: str, selector: str) -> Credential:
         """The user's credential `selector` names; CredentialNotFound when it names none."""
-        found = self._credentials.find(project.id, user_id, selector)
+        found = await self._credentials.find(project.id, user_id, selector)
         if found is None:
             raise CredentialNotFound
         return found
 
-    def authorize(
+    async def authorize(
         self,
         project: Project,
         user_id: str,
@@ -203,9 +203,9 @@ class Runner:
         """The checks a call of the tool passes before any work (an Idempotency-Key replay
         passes them too): the token may use the tool's integration and the credential."""
         integration = self._entry(tool_name).tool.integration.name
-        self.account(project, user_id, integration, access)
+        await self.account(project, user_id, integration, access)
 
-    def available(
+    async def available(
         self,
         project: Project,
         user_id: str,
@@ -215,18 +215,18 @@ class Runner:
         """Whether List Tools' `limit_to_available` shows the integration: a permitted
         credential that Meta has not refused."""
         try:
-            account = self.account(project, user_id, integration, access)
+            account = await self.account(project, user_id, integration, access)
         except Forbidden:
             return False
         return account is not None and (
             account.credential is None or account.credential.status == "valid"
         )
 
-    def credential_status(self, project_id: str, credential_id: str | None) -> str | None:
+    async def credential_status(self, project_id: str, credential_id: str | None) -> str | None:
         """valid, invalid or removed; None for the project's token."""
         if credential_id is None:
             return None
-        found = self._credentials.by_id(project_id, credential_id)
+        found = await self._credentials.by_id(project_id, credential_id)
         return "removed" if found is None else found.status
 
     def _token(self, project: Project, account: Account) -> str:
@@ -264,7 +264,7 @@ class Runner:
         except InvalidEvent as exc:
             raise InvalidParameters(exc.violations) from None
 
-    def _checked(
+    async def _checked(
         self,
         project: Project,
         user_id: str,
@@ -279,7 +279,7 @@ class Runner:
         integration = self._entry(tool_name).tool.integration.name
         _permit(access.permissions, integration)
         batch = self.prepare(project, tool_name, parameters, new_id=new_id)
-        return batch, self.account(project, user_id, integration, access)
+        return batch, await self.account(project, user_id, integration, access)
 
     async def run(
         self,
@@ -294,7 +294,7 @@ class Runner:
     ) -> Answer | Queued:
         """The tool's answer from Meta's (by default Meta's JSON, unwrapped), or `Queued`.
         Nothing is sent or queued unless every check passed."""
-        batch, account = self._checked(
+        batch, account = await self._checked(
             project, user_id, tool_name, parameters, new_id=new_id, access=access
         )
         if account is None:
@@ -450,7 +450,7 @@ class Runner:
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
 
-    def dry_run(
+    async def dry_run(
         self,
         project: Project,
         user_id: str,
@@ -462,7 +462,7 @@ class Runner:
     ) -> dict[str, Any]:
         """The exact Graph request the call would make, less credentials, and which
         credential it would go with; sends nothing."""
-        batch, account = self._checked(
+        batch, account = await self._checked(
             project, user_id, tool_name, parameters, new_id=new_id, access=access
         )
         return {

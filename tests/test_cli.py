@@ -76,7 +76,7 @@ def project_dir(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> Path:
             "positive number",
         ),
         (
-            '[storage]\nurl = "postgres://x"\n[[projects]]\nid = "p"\njwt_public_key = "x"\n',
+            '[storage]\nurl = "mysql://x"\n[[projects]]\nid = "p"\njwt_public_key = "x"\n',
             "sqlite:///",
         ),
         ("", "at least one [[projects]]"),

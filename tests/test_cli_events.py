@@ -320,12 +320,12 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every SQL statement the CLI's connections run, in order."""
     ran: list[str] = []
 
-    def traced(path: Path) -> sqlite3.Connection:
+    def traced(path: Path, url: str | None) -> sqlite3.Connection:
         connection = connect(path)
         connection.set_trace_callback(ran.append)
         return connection
 
-    monkeypatch.setattr(cli, "connect", traced)
+    monkeypatch.setattr(cli, "connect_sync", traced)
     return ran
 
 
@@ -619,12 +619,12 @@ def test_a_config_that_is_not_the_servers_is_one_line(capsys, tmp_path: Path, co
 def test_a_locked_database_is_one_line(capsys, config_path: Path, db, monkeypatch):
     outbox.mark_failed(db, add(db), now=time.time(), error=REJECTED)
 
-    def impatient(path: Path) -> sqlite3.Connection:
+    def impatient(path: Path, url: str | None) -> sqlite3.Connection:
         connection = connect(path)
         connection.execute("PRAGMA busy_timeout=50")
         return connection
 
-    monkeypatch.setattr(cli, "connect", impatient)
+    monkeypatch.setattr(cli, "connect_sync", impatient)
     db.execute("BEGIN IMMEDIATE")  # the server's writer, mid-commit, for longer than the wait
     try:
         code, out, err = run(

@@ -20,7 +20,11 @@ from server.delivery.dispatcher import LEASE_SECONDS, Dispatcher
 from server.delivery.graph import GraphClient
 from server.delivery.throttle import Breakers
 from server.storage import outbox
-from server.storage.credentials import CredentialStore, open_credentials
+from server.storage.credentials import (
+    Credentials,
+    keyring_of,
+    open_credentials,
+)
 from server.storage.crypto import SecretKeyError
 from server.storage.outbox import NewEvent, Outbox
 from tests.support import NOW, PIXEL, PROJECT, FakeGraph, Step, graph_error, make_config
@@ -63,8 +67,9 @@ class Harness:
 
     def run(self, body: Callable[[Outbox, Dispatcher], Awaitable[Any]]) -> Any:
         async def go() -> Any:
-            credentials = open_credentials(self.config.storage)
+            open_credentials(self.config.storage).close()  # the schema, as the server makes it
             queue = Outbox(self.path, clock=self.clock)
+            credentials = Credentials(queue.database, keyring_of(self.config.storage))
             client = GraphClient(
                 self.config.graph, self.graph.transport(), breakers=Breakers(clock=self.clock)
             )
@@ -76,7 +81,6 @@ class Harness:
                 await dispatcher.stop(timeout=1)
                 await client.aclose()
                 queue.close()
-                credentials.close()
 
         return asyncio.run(go())
 
@@ -92,14 +96,14 @@ async def until(
     """Counts by status once `done(counts)` holds (bounded)."""
     deadline = time.monotonic() + seconds
     while True:
-        counts: dict[str, int] = queue.read(outbox.stats)["by_status"]
+        counts: dict[str, int] = queue.read_now(outbox.stats)["by_status"]
         if done(counts) or time.monotonic() > deadline:
             return counts
         await asyncio.sleep(0.01)
 
 
 def rows(queue: Outbox) -> dict[str, outbox.EventStatus]:
-    return {r.event_id: r for r in queue.read(lambda db: outbox.list_events(db, limit=10_000))}
+    return {r.event_id: r for r in queue.read_now(lambda db: outbox.list_events(db, limit=10_000))}
 
 
 def test_events_go_in_requests_of_up_to_1000_per_pixel_and_test_code(harness):
@@ -220,7 +224,8 @@ def test_a_claim_whose_sender_died_is_sent_again_after_its_lease(harness):
                                                   limit=10))  # fmt: skip
         harness.clock.now += LEASE_SECONDS + 1
         dispatcher = Dispatcher(queue, GraphClient(harness.config.graph, harness.graph.transport()),
-                                open_credentials(harness.config.storage), harness.config,
+                                Credentials(queue.database, keyring_of(harness.config.storage)),
+                                harness.config,
                                 clock=harness.clock)  # fmt: skip
         dispatcher.start()
         try:
@@ -366,15 +371,15 @@ def test_a_token_no_key_opens_keeps_its_events_queued_until_it_opens(harness, mo
     store = open_credentials(harness.config.storage)
     credential, _ = store.set(PROJECT, USER, "EAAB-sealed")
     store.close()
-    real = CredentialStore.token_of
+    real = Credentials.token_of
     broken = {"now": True}
 
-    def token_of(self: CredentialStore, project: Any, credential_id: str | None) -> str | None:
+    async def token_of(self: Credentials, project: Any, credential_id: str | None) -> str | None:
         if broken["now"] and credential_id == credential.id:
             raise SecretKeyError("a key that is not configured")
-        return real(self, project, credential_id)
+        return await real(self, project, credential_id)
 
-    monkeypatch.setattr(CredentialStore, "token_of", token_of)
+    monkeypatch.setattr(Credentials, "token_of", token_of)
 
     async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
         await queue.enqueue([new(1, credential=credential.id)])

@@ -379,7 +379,7 @@ def test_a_write_lock_held_too_long_fails_the_waiting_inserts_and_the_next_goes_
     transaction fails before its insert runs. The enqueue waiting for it fails (503
     STORAGE_UNAVAILABLE) instead of waiting forever, and enqueueing works once the lock goes."""
     queue = Outbox(db, clock=lambda: 1_795_000_000.0)
-    queue._writer._db.execute("PRAGMA busy_timeout=50")  # not the 5 s a server waits
+    queue.database._writer._db.execute("PRAGMA busy_timeout=50")  # type: ignore[attr-defined]
     event = {"event_id": "e-1", "event_name": "Lead", "event_time": 1_795_000_000}
     new = NewEvent("p", "u", None, "1", None, event, orjson.dumps(event))
 

@@ -57,7 +57,7 @@ def test_coverage_counts_each_key_and_the_events_with_only_an_ip_and_a_user_agen
     ])  # fmt: skip
     queue = counted(tmp_path, lambda tally, _: tally.accepted(PROJECT, batch))
 
-    found = queue.read(lambda db: minutes.coverage(db, MINUTE, PROJECT, PIXEL))
+    found = queue.read_now(lambda db: minutes.coverage(db, MINUTE, PROJECT, PIXEL))
     assert found == [
         Coverage("Purchase", total=4, em=1, ph=1, external_id=1, fbc=1, fbp=0, ip_ua=3,
                  only_ip_ua=2, other_keys=1, none=0),
@@ -66,11 +66,11 @@ def test_coverage_counts_each_key_and_the_events_with_only_an_ip_and_a_user_agen
         Coverage("*", total=6, em=1, ph=1, external_id=1, fbc=1, fbp=1, ip_ua=3, only_ip_ua=2,
                  other_keys=1, none=1),
     ]  # fmt: skip
-    assert queue.read(lambda db: minutes.sources(db, MINUTE, PROJECT, PIXEL)) == [
+    assert queue.read_now(lambda db: minutes.sources(db, MINUTE, PROJECT, PIXEL)) == [
         ("Purchase", "website", 4),
         ("Lead", "email", 2),
     ]
-    assert queue.read(lambda db: minutes.coverage(db, MINUTE, PROJECT, "other-pixel")) == []
+    assert queue.read_now(lambda db: minutes.coverage(db, MINUTE, PROJECT, "other-pixel")) == []
 
 
 def test_outcomes_go_to_their_minute_and_add_up_across_flushes(tmp_path):
@@ -88,26 +88,26 @@ def test_outcomes_go_to_their_minute_and_add_up_across_flushes(tmp_path):
     again.delivered(PROJECT, PIXEL, ["Lead"])
     asyncio.run(again.flush())
 
-    assert queue.read(lambda db: minutes.series(db, MINUTE, MINUTE + 3600)) == [
+    assert queue.read_now(lambda db: minutes.series(db, MINUTE, MINUTE + 3600)) == [
         MinuteCounts(MINUTE, accepted=2, delivered=1, failed=0, retried=1),
         MinuteCounts(MINUTE + 60, accepted=0, delivered=2, failed=3, retried=0),
     ]
-    one_pixel = queue.read(lambda db: minutes.series(db, MINUTE, MINUTE + 3600, PROJECT, "222"))
+    one_pixel = queue.read_now(lambda db: minutes.series(db, MINUTE, MINUTE + 3600, PROJECT, "222"))
     assert one_pixel == [MinuteCounts(MINUTE + 60, 0, 0, 2, 0)]
-    assert queue.read(lambda db: minutes.failure_codes(db, MINUTE)) == [
+    assert queue.read_now(lambda db: minutes.failure_codes(db, MINUTE)) == [
         ("UPSTREAM_REJECTED", 2),
         ("EVENT_EXPIRED", 1),
     ]
-    assert queue.read(lambda db: minutes.failure_codes(db, MINUTE, PROJECT, PIXEL)) == [
+    assert queue.read_now(lambda db: minutes.failure_codes(db, MINUTE, PROJECT, PIXEL)) == [
         ("EVENT_EXPIRED", 1)
     ]
-    assert [p[:2] for p in queue.read(lambda db: minutes.pixels(db, MINUTE))] == [
+    assert [p[:2] for p in queue.read_now(lambda db: minutes.pixels(db, MINUTE))] == [
         (PROJECT, PIXEL),
         (PROJECT, "222"),
     ]
     # minute 1: two event rows (Lead, and the retries) and one source row
-    assert queue.read(lambda db: minutes.prune(db, before=MINUTE + 60)) == 3
-    assert [m.minute for m in queue.read(lambda db: minutes.series(db, 0, MINUTE + 3600))] == [
+    assert queue.read_now(lambda db: minutes.prune(db, before=MINUTE + 60)) == 3
+    assert [m.minute for m in queue.read_now(lambda db: minutes.series(db, 0, MINUTE + 3600))] == [
         MINUTE + 60
     ]
 
@@ -116,9 +116,9 @@ def test_callers_names_and_pixels_cannot_grow_the_counts_without_bound(tmp_path,
     monkeypatch.setattr(tally_module, "MAX_ROWS", 10)
     names = [event(f"Custom{n}") for n in range(25)]
     queue = counted(tmp_path, lambda tally, _: tally.accepted(PROJECT, EventBatch(PIXEL, names)))
-    found = queue.read(lambda db: minutes.pixels(db, MINUTE))
+    found = queue.read_now(lambda db: minutes.pixels(db, MINUTE))
     assert sum(p.accepted for p in found) == 25  # nothing lost, only folded
-    rows = queue.read(lambda db: db.execute("SELECT count(*) FROM minute_events").fetchone()[0])
+    rows = queue.read_now(lambda db: db.execute("SELECT count(*) FROM minute_events").fetchone()[0])
     assert rows == 11  # 10, then one row for the rest of the project's minute
 
 
@@ -149,10 +149,10 @@ def test_a_running_server_counts_its_calls(make_client, graph, sign):
     client.portal.call(state.tally.flush)  # what the server does every 5 s
 
     outbox: Outbox = state.outbox
-    [counts] = outbox.read(lambda db: minutes.series(db, 0, 2**40))
+    [counts] = outbox.read_now(lambda db: minutes.series(db, 0, 2**40))
     assert counts[1:] == (3, 2, 1, 0)
-    [purchases, _] = outbox.read(lambda db: minutes.coverage(db, 0, PROJECT, PIXEL))
+    [purchases, _] = outbox.read_now(lambda db: minutes.coverage(db, 0, PROJECT, PIXEL))
     assert (purchases.total, purchases.em, purchases.ip_ua) == (3, 2, 3)
-    assert outbox.read(lambda db: minutes.failure_codes(db, 0)) == [("UPSTREAM_REJECTED", 1)]
+    assert outbox.read_now(lambda db: minutes.failure_codes(db, 0)) == [("UPSTREAM_REJECTED", 1)]
     p50, p99 = state.graph_latency.quantiles()
     assert p50 is not None and p99 is not None and p50 <= p99

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +77,7 @@ from server.delivery.throttle import Breakers
 from server.durations import human_age
 from server.logs import log
 from server.storage import minutes, outbox
+from server.storage.database import ERRORS
 from server.storage.minutes import Coverage
 from server.storage.outbox import EventStatus
 
@@ -140,7 +140,7 @@ class Console:
         self.tokens = TokenSource(config.console, token_path(config.storage))
         self.sessions = Sessions(config.console.session_hours * 3600, clock)
         self.throttle = LoginThrottle()
-        self.read = queries.Reader(config.storage.database_path)
+        self.read = queries.Reader(lambda: state.outbox.database)
         self.templates = Jinja2Templates(env=_environment())
 
     def routes(self) -> list[BaseRoute]:
@@ -191,7 +191,7 @@ class Console:
                 return _secured(await handler(request, session, values))
             except BadInput as exc:
                 return self._error(request, exc.status, exc.message, session)
-            except sqlite3.Error as exc:
+            except ERRORS as exc:
                 log("console_storage_error", logging.ERROR, error=type(exc).__name__)
                 return self._error(request, 503, "The database did not answer: try again.", session)
 

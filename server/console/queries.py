@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
+from server.storage.database import Connection, Database, SqliteDatabase, conditions, is_postgres
 from server.storage.outbox import EventStatus
 from server.storage.writer import connect
 
@@ -27,16 +27,20 @@ MAX_READERS = 4  # console reads at once; the others wait their turn
 
 
 class Reader:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, database: Callable[[], Database]) -> None:
+        self._database = database  # the server's, once its lifespan has opened it
         self._slots = asyncio.Semaphore(MAX_READERS)
 
-    async def __call__(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    async def __call__(self, job: Callable[[Connection], T]) -> T:
+        database = self._database()
         async with self._slots:
-            return await asyncio.to_thread(self._run, job)
+            if isinstance(database, SqliteDatabase):
+                return await asyncio.to_thread(self._run, database.path, job)
+            return await database.read(job)
 
-    def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        db = connect(self.path)
+    @staticmethod
+    def _run(path: Path, job: Callable[[Connection], T]) -> T:
+        db = connect(path)
         try:
             db.execute("PRAGMA query_only = 1")
             return job(db)
@@ -45,7 +49,7 @@ class Reader:
 
 
 def failed(
-    db: sqlite3.Connection,
+    db: Connection,
     *,
     project_id: str | None = None,
     pixel_id: str | None = None,
@@ -54,13 +58,18 @@ def failed(
 ) -> list[EventStatus]:
     """Failed rows, most recently failed first. The repeated status condition is the
     `outbox_done` index's own, so SQLite walks that index rather than the table."""
+    error_code = (
+        "convert_from(error, 'UTF8')::jsonb ->> 'code' = ?"
+        if is_postgres(db)
+        else "json_extract(CAST(error AS TEXT), '$.code') = ?"
+    )
+    where, args = conditions(
+        ("project_id = ?", project_id), ("pixel_id = ?", pixel_id), (error_code, code)
+    )
     rows = db.execute(
         f"SELECT {_COLUMNS} FROM outbox WHERE status IN ('delivered', 'failed') "  # noqa: S608
-        "AND status = 'failed' AND (?1 IS NULL OR project_id = ?1) "
-        "AND (?2 IS NULL OR pixel_id = ?2) "
-        "AND (?3 IS NULL OR json_extract(CAST(error AS TEXT), '$.code') = ?3) "
-        "ORDER BY updated_at DESC, seq DESC LIMIT ?4",
-        (project_id, pixel_id, code, limit),
+        f"AND status = 'failed' AND {where} ORDER BY updated_at DESC, seq DESC LIMIT ?",
+        (*args, limit),
     ).fetchall()
     return [EventStatus(*row) for row in rows]
 
@@ -73,7 +82,7 @@ class Stored(NamedTuple):
     test_event_code: str | None
 
 
-def stored(db: sqlite3.Connection, seq: int) -> Stored | None:
+def stored(db: Connection, seq: int) -> Stored | None:
     row = db.execute(
         f"SELECT {_COLUMNS}, event, test_event_code FROM outbox WHERE seq = ?",  # noqa: S608
         (seq,),
@@ -84,7 +93,7 @@ def stored(db: sqlite3.Connection, seq: int) -> Stored | None:
     return Stored(EventStatus(*row[:-2]), event if isinstance(event, dict) else {}, row[-1])
 
 
-def by_seq(db: sqlite3.Connection, seqs: Sequence[int]) -> list[EventStatus]:
+def by_seq(db: Connection, seqs: Sequence[int]) -> list[EventStatus]:
     """The rows `seqs` name, in that order (those that no longer exist are left out)."""
     found = {}
     for seq in seqs:
@@ -95,7 +104,7 @@ def by_seq(db: sqlite3.Connection, seqs: Sequence[int]) -> list[EventStatus]:
 
 
 def lookup(
-    db: sqlite3.Connection, project_ids: Sequence[str], event_id: str, *, limit: int
+    db: Connection, project_ids: Sequence[str], event_id: str, *, limit: int
 ) -> list[EventStatus]:
     """Every row of the event in these projects, whoever sent it, newest first."""
     rows: list[EventStatus] = []

@@ -45,7 +45,7 @@ from server.delivery.policy import Verdict
 from server.delivery.timeouts import AttemptTimeouts
 from server.logs import log
 from server.storage import credentials, idempotency, minutes, outbox
-from server.storage.credentials import CredentialStore
+from server.storage.credentials import Credentials
 from server.storage.outbox import CREDENTIAL_REMOVED, Claimed, Outbox
 from server.storage.writer import PRUNE_BATCH
 
@@ -90,7 +90,7 @@ class Dispatcher:
         self,
         queue: Outbox,
         graph: GraphClient,
-        store: CredentialStore,
+        store: Credentials,
         config: Config,
         *,
         clock: Callable[[], float] = time.time,
@@ -218,7 +218,7 @@ class Dispatcher:
         if self._stopping:
             return
         now = self._clock()
-        due = self._queue.read(outbox.next_due)
+        due = await self._queue.read(outbox.next_due)
         if due is None or due > now:
             await self._pause(POLL_SECONDS if due is None else min(POLL_SECONDS, due - now))
             return
@@ -259,7 +259,7 @@ class Dispatcher:
             else:
                 which = (row.project_id, row.credential_id)
                 if which not in tokens:
-                    tokens[which] = self._token(project, row.credential_id)
+                    tokens[which] = await self._token(project, row.credential_id)
                 token = tokens[which]
                 if token is None:
                     (uncredentialed if row.credential_id is None else removed).append(row)
@@ -281,11 +281,11 @@ class Dispatcher:
             for start in range(0, len(group), MAX_EVENTS_PER_REQUEST):
                 self._spawn(key, group[start : start + MAX_EVENTS_PER_REQUEST])
 
-    def _token(self, project: Project, credential_id: str | None) -> str | None:
+    async def _token(self, project: Project, credential_id: str | None) -> str | None:
         """The credential's token now; None when it is gone, UNREADABLE when no configured
         key opens it (a key file changed: its events wait for the key, they are not lost)."""
         try:
-            return self._credentials.token_of(project, credential_id)
+            return await self._credentials.token_of(project, credential_id)
         except Exception as exc:
             log("credential_unreadable", logging.ERROR, project=project.id,
                 error=type(exc).__name__)  # fmt: skip
@@ -380,7 +380,7 @@ class Dispatcher:
             self._failed(rows, str(error["code"]))
         elif result.verdict is Verdict.AUTH:
             project = self._config.projects.get(project_id)
-            if project is not None and self._token(project, credential_id) != token:
+            if project is not None and await self._token(project, credential_id) != token:
                 # The token was replaced while this request was out: not held on the old
                 # token's refusal, the events go again at once with the new one.
                 await self._reschedule(rows, lambda _row: now, attempted=True, error=None)

@@ -22,11 +22,12 @@ Version 1 held one sealed token per user; each becomes its user's default creden
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,19 @@ from typing import Any
 import orjson
 
 from server.config import Project, StorageSettings
-from server.errors import ConfigError
+from server.errors import ConfigError, StorageUnavailable
+from server.logs import log
 from server.permissions import canonical_id
+from server.storage import postgres, schema_pg
 from server.storage.crypto import NO_KEY_HINT, Keyring
+from server.storage.database import (
+    ERRORS,
+    Connection,
+    Database,
+    conditions,
+    first_line,
+    is_postgres,
+)
 from server.storage.outbox import tie_to_credentials
 
 SCHEMA_VERSION = 2
@@ -48,7 +59,7 @@ CREATE TABLE IF NOT EXISTS credentials (
     user_id       TEXT NOT NULL,
     external_id   TEXT,              -- the caller's own id for it: `ext:<id>`
     label         TEXT,
-    is_default    INTEGER NOT NULL,  -- 1 for the credential a call without the header uses
+    is_default    INTEGER NOT NULL,  -- TRUE (1) for the credential a call without the header uses
     status        TEXT NOT NULL,     -- valid | invalid (Meta refused the token)
     status_error  BLOB,              -- JSON: Meta's refusal (code, subcode, message, fbtrace_id)
     key_id        TEXT NOT NULL,     -- the secret key that sealed the token
@@ -107,24 +118,32 @@ class Credential:
                    *rest)  # fmt: skip
 
 
-Credentials = list[Credential]  # aliases: the store's `list` and `set` shadow the builtins
+CredentialList = list[Credential]  # aliases: the store's `list` and `set` shadow the builtins
 Columns = set[str]
 OlderRows = list[tuple[str, str, str, bytes, int]]
 Uses = list[tuple[int, str, str]]  # (last used at, project, credential id)
 
 
 def open_credentials(storage: StorageSettings, *, verify: bool = True) -> CredentialStore:
-    """The store the config describes; `verify` checks that the keys open every key id in use.
+    """The store the config describes, its schema brought up to date; `verify` checks that
+    the keys open every key id in use.
 
-    Every failure (a missing or wrong key, an unreadable or foreign file) is a `ConfigError`.
+    Every failure (a missing or wrong key, an unreadable or foreign file, a database that
+    cannot be reached) is a `ConfigError`.
     """
-    keyring = Keyring(
-        storage.secret_keys, reload_from=storage.secret_key_file, origin=storage.secret_key_origin
-    )
     try:
-        store = CredentialStore(storage.database_path, keyring)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"storage {storage.database_path}: {exc}") from None
+        if storage.url is not None:
+            db: Connection = postgres.connect(storage.url)
+            try:
+                schema_pg.upgrade(db)
+            except BaseException:
+                db.close()
+                raise
+        else:
+            db = _open_file(storage.database_path)
+        store = CredentialStore(db, keyring_of(storage))
+    except ERRORS as exc:
+        raise ConfigError(f"storage {storage.where}: {first_line(exc)}") from None
     if verify:
         try:
             store.verify_keys()
@@ -134,17 +153,101 @@ def open_credentials(storage: StorageSettings, *, verify: bool = True) -> Creden
     return store
 
 
-class CredentialStore:
-    def __init__(self, path: Path, keyring: Keyring) -> None:
+def keyring_of(storage: StorageSettings) -> Keyring:
+    return Keyring(
+        storage.secret_keys, reload_from=storage.secret_key_file, origin=storage.secret_key_origin
+    )
+
+
+def _open_file(path: Path) -> sqlite3.Connection:
+    _create_private(path)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA secure_delete=ON")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def find(db: Connection, project_id: str, user_id: str, selector: str | None) -> Credential | None:
+    """The user's credential that `selector` names (its id, or `ext:` and its external id),
+    or the user's default one when there is no selector; never another user's."""
+    args: tuple[str, ...]
+    if selector is None:
+        statement, args = _BY_DEFAULT, (project_id, user_id)
+    elif selector.startswith(EXTERNAL):
+        statement, args = _BY_EXTERNAL, (project_id, user_id, selector[len(EXTERNAL) :])
+    else:
+        statement, args = _BY_ID, (project_id, user_id, canonical_id(selector))
+    row = db.execute(statement, args).fetchone()
+    return None if row is None else Credential.of_row(row)
+
+
+def by_id(db: Connection, project_id: str, credential_id: str) -> Credential | None:
+    row = db.execute(
+        f"SELECT {_FIELDS} FROM credentials WHERE project_id = ? AND credential_id = ?",  # noqa: S608
+        (project_id, credential_id),
+    ).fetchone()
+    return None if row is None else Credential.of_row(row)
+
+
+class Credentials:
+    """The server's view: lookups through the database's reads (on PostgreSQL off the loop),
+    so a credential set from the CLI on any host is used by the next call of every instance."""
+
+    def __init__(self, database: Database, keyring: Keyring) -> None:
+        self._database = database
         self._keyring = keyring
         self._used: dict[tuple[str, str], int] = {}  # last uses not yet written
-        _create_private(path)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    async def find(
+        self, project_id: str, user_id: str, selector: str | None = None
+    ) -> Credential | None:
+        return await self._read(lambda db: find(db, project_id, user_id, selector))
+
+    async def by_id(self, project_id: str, credential_id: str) -> Credential | None:
+        return await self._read(lambda db: by_id(db, project_id, credential_id))
+
+    async def _read(self, job: Callable[[Connection], Credential | None]) -> Credential | None:
         try:
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA secure_delete=ON")
-            self._migrate()
+            return await self._database.read(job)
+        except ERRORS as exc:
+            log("storage_read_failed", logging.ERROR, error=type(exc).__name__)
+            raise StorageUnavailable(reading=True) from None
+
+    def open(self, project_id: str, credential: Credential) -> str:
+        """The credential's access token, and a use of it (written by `write_uses`)."""
+        self._used[(project_id, credential.id)] = int(time.time())
+        context = _context(project_id, credential.user_id)
+        return self._keyring.open(credential.key_id, credential.sealed_token, context).decode()
+
+    async def token_of(self, project: Project, credential_id: str | None) -> str | None:
+        """The token events accepted for `credential_id` go with now (None: the project's);
+        None when that credential is gone."""
+        if credential_id is None:
+            return project.facebook_access_token
+        found = await self.by_id(project.id, credential_id)
+        return None if found is None else self.open(project.id, found)
+
+    def taken_uses(self) -> Uses:
+        """The last uses recorded since the previous call, as `write_uses` rows."""
+        used, self._used = self._used, {}
+        return [(at, project_id, credential_id) for (project_id, credential_id), at in used.items()]
+
+
+class CredentialStore:
+    """The CLI's store, and start-up's (migration, key checks): a connection of its own."""
+
+    def __init__(self, db: Connection, keyring: Keyring) -> None:
+        self._keyring = keyring
+        self._used: dict[tuple[str, str], int] = {}  # last uses not yet written
+        self._db = db
+        try:
+            if not is_postgres(db):
+                self._migrate()
         except BaseException:
             self._db.close()
             raise
@@ -153,24 +256,10 @@ class CredentialStore:
         self._db.close()
 
     def find(self, project_id: str, user_id: str, selector: str | None = None) -> Credential | None:
-        """The user's credential that `selector` names (its id, or `ext:` and its external
-        id), or the user's default one when there is no selector; never another user's."""
-        args: tuple[str, ...]
-        if selector is None:
-            statement, args = _BY_DEFAULT, (project_id, user_id)
-        elif selector.startswith(EXTERNAL):
-            statement, args = _BY_EXTERNAL, (project_id, user_id, selector[len(EXTERNAL) :])
-        else:
-            statement, args = _BY_ID, (project_id, user_id, canonical_id(selector))
-        row = self._db.execute(statement, args).fetchone()
-        return None if row is None else Credential.of_row(row)
+        return find(self._db, project_id, user_id, selector)
 
     def by_id(self, project_id: str, credential_id: str) -> Credential | None:
-        row = self._db.execute(
-            f"SELECT {_FIELDS} FROM credentials WHERE project_id = ? AND credential_id = ?",  # noqa: S608
-            (project_id, credential_id),
-        ).fetchone()
-        return None if row is None else Credential.of_row(row)
+        return by_id(self._db, project_id, credential_id)
 
     def open(self, project_id: str, credential: Credential) -> str:
         """The credential's access token, and a use of it (written by `flush_uses`)."""
@@ -220,7 +309,7 @@ class CredentialStore:
                 first = self.find(project_id, user_id) is None
                 self._db.execute(
                     f"INSERT INTO credentials ({_FIELDS}) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, 0, 'valid', NULL, ?, ?, ?, ?, NULL)",
+                    "VALUES (?, ?, ?, ?, ?, FALSE, 'valid', NULL, ?, ?, ?, ?, NULL)",
                     (project_id, credential_id, user_id, external_id, label, key, sealed, now, now),
                 )
                 make_default = make_default or first
@@ -260,12 +349,12 @@ class CredentialStore:
                     self._make_default(project_id, found.user_id, heir[0])
         return found
 
-    def list(self, project_id: str | None = None, user_id: str | None = None) -> Credentials:
+    def list(self, project_id: str | None = None, user_id: str | None = None) -> CredentialList:
+        where, args = conditions(("project_id = ?", project_id), ("user_id = ?", user_id))
         rows = self._db.execute(
-            f"SELECT {_FIELDS} FROM credentials "  # noqa: S608
-            "WHERE (?1 IS NULL OR project_id = ?1) AND (?2 IS NULL OR user_id = ?2) "
+            f"SELECT {_FIELDS} FROM credentials WHERE {where} "  # noqa: S608
             "ORDER BY project_id, user_id, created_at, credential_id",
-            (project_id, user_id),
+            args,
         ).fetchall()
         return [Credential.of_row(row) for row in rows]
 
@@ -276,12 +365,12 @@ class CredentialStore:
 
     def _make_default(self, project_id: str, user_id: str, credential_id: str) -> None:
         self._db.execute(
-            "UPDATE credentials SET is_default = 0 WHERE project_id = ? AND user_id = ? "
+            "UPDATE credentials SET is_default = FALSE WHERE project_id = ? AND user_id = ? "
             "AND is_default",
             (project_id, user_id),
         )
         self._db.execute(
-            "UPDATE credentials SET is_default = 1 WHERE project_id = ? AND credential_id = ?",
+            "UPDATE credentials SET is_default = TRUE WHERE project_id = ? AND credential_id = ?",
             (project_id, credential_id),
         )
 
@@ -292,10 +381,14 @@ class CredentialStore:
 
     def verify_keys(self) -> None:
         """Open one token per key id in use: a missing or wrong key fails here, at start-up."""
-        rows = self._db.execute(
-            "SELECT key_id, project_id, user_id, sealed_token FROM credentials WHERE rowid IN "
-            "(SELECT min(rowid) FROM credentials GROUP BY key_id)"
-        ).fetchall()
+        rows = [
+            self._db.execute(
+                "SELECT key_id, project_id, user_id, sealed_token FROM credentials "
+                "WHERE key_id = ? LIMIT 1",
+                (key,),
+            ).fetchone()
+            for (key,) in self._db.execute("SELECT DISTINCT key_id FROM credentials").fetchall()
+        ]
         if rows and self._keyring.current_id is None:
             raise ConfigError(
                 f"the database holds encrypted access tokens but no secret key is configured: "
@@ -360,7 +453,7 @@ class CredentialStore:
                     self._db.execute(statement)
             self._db.executemany(
                 f"INSERT INTO credentials ({_FIELDS}) "  # noqa: S608
-                "VALUES (?, ?, ?, NULL, NULL, 1, 'valid', NULL, ?, ?, ?, ?, NULL)",
+                "VALUES (?, ?, ?, NULL, NULL, TRUE, 'valid', NULL, ?, ?, ?, ?, NULL)",
                 [
                     (project_id, str(uuid.uuid4()), user_id, key, sealed, updated, updated)
                     for project_id, user_id, key, sealed, updated in rows
@@ -376,9 +469,11 @@ class CredentialStore:
     def _older_rows(self, columns: Columns) -> OlderRows:
         """The rows of a version 0 or 1 table as (project, user, key id, sealed, updated)."""
         if "sealed_token" in columns:
-            return self._db.execute(
-                "SELECT project_id, user_id, key_id, sealed_token, updated_at FROM credentials"
-            ).fetchall()
+            return list(
+                self._db.execute(
+                    "SELECT project_id, user_id, key_id, sealed_token, updated_at FROM credentials"
+                ).fetchall()
+            )
         if "access_token" not in columns:
             return []
         plaintext = self._db.execute(
@@ -406,7 +501,7 @@ class CredentialStore:
 
 
 def mark_invalid(
-    db: sqlite3.Connection,
+    db: Connection,
     project_id: str,
     credential_id: str,
     error: dict[str, Any],
@@ -415,19 +510,20 @@ def mark_invalid(
 ) -> None:
     """Meta refused the credential's token; `set` on it makes it valid again. With `refused`
     (the sealed token Meta refused), a token replaced meanwhile is left valid."""
+    where, args = conditions(("sealed_token = ?", refused))
     db.execute(
-        "UPDATE credentials SET status = 'invalid', status_error = ? "
-        "WHERE project_id = ? AND credential_id = ? AND (?4 IS NULL OR sealed_token = ?4)",
-        (orjson.dumps(error), project_id, credential_id, refused),
+        "UPDATE credentials SET status = 'invalid', status_error = ? "  # noqa: S608
+        f"WHERE project_id = ? AND credential_id = ? AND {where}",
+        (orjson.dumps(error), project_id, credential_id, *args),
     )
 
 
-def write_uses(db: sqlite3.Connection, uses: Uses) -> None:
+def write_uses(db: Connection, uses: Uses) -> None:
     """`last_used_at` of the credentials `CredentialStore.taken_uses` names."""
     db.executemany(
-        "UPDATE credentials SET last_used_at = max(coalesce(last_used_at, 0), ?) "
-        "WHERE project_id = ? AND credential_id = ?",
-        uses,
+        "UPDATE credentials SET last_used_at = ? WHERE project_id = ? AND credential_id = ? "
+        "AND (last_used_at IS NULL OR last_used_at < ?)",
+        [(at, project_id, credential_id, at) for at, project_id, credential_id in uses],
     )
 
 

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 import orjson
 
+from server.storage.database import Connection
 from server.storage.writer import PRUNE_BATCH
 
 KEY_TTL_SECONDS = 24 * 3600  # how long a key holds (README, Idempotency-Key)
@@ -40,13 +40,13 @@ class Stored:
     created_at: float
 
 
-def create_schema(db: sqlite3.Connection) -> None:
+def create_schema(db: Connection) -> None:
     for statement in SCHEMA:  # not executescript: it would COMMIT a writer's transaction
         db.execute(statement)
 
 
 def lookup(
-    db: sqlite3.Connection, project_id: str, user_id: str, key_hash: str, *, since: float
+    db: Connection, project_id: str, user_id: str, key_hash: str, *, since: float
 ) -> Stored | None:
     """The answer stored for the key at or after `since` (older ones have expired)."""
     row = db.execute(
@@ -60,13 +60,16 @@ def lookup(
     return Stored(fp, status, content_type, orjson.loads(headers), bytes(body), created_at)
 
 
-def save(
-    db: sqlite3.Connection, project_id: str, user_id: str, key_hash: str, stored: Stored
-) -> None:
-    """Replaces an expired row of the same key (a live one is replayed, never overwritten)."""
+def save(db: Connection, project_id: str, user_id: str, key_hash: str, stored: Stored) -> None:
+    """Replaces an expired row of the same key (a live one is replayed, never overwritten,
+    even by a call that ran at once on another instance)."""
     db.execute(
-        "INSERT OR REPLACE INTO idempotency (project_id, user_id, key, fingerprint, status, "
-        "content_type, headers, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO idempotency (project_id, user_id, key, fingerprint, status, "
+        "content_type, headers, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (project_id, user_id, key) DO UPDATE SET fingerprint = "
+        "excluded.fingerprint, status = excluded.status, content_type = excluded.content_type, "
+        "headers = excluded.headers, body = excluded.body, created_at = excluded.created_at "
+        "WHERE idempotency.created_at < excluded.created_at - ?",
         (
             project_id,
             user_id,
@@ -77,15 +80,18 @@ def save(
             orjson.dumps(stored.headers),
             stored.body,
             stored.created_at,
+            KEY_TTL_SECONDS,
         ),
     )
 
 
-def prune(db: sqlite3.Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
+def prune(db: Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
     """Deletes up to `limit` rows stored before `before` (the retention loop passes
     now - KEY_TTL_SECONDS); the number deleted."""
-    return db.execute(
-        "DELETE FROM idempotency WHERE rowid IN "
-        "(SELECT rowid FROM idempotency WHERE created_at < ? LIMIT ?)",
-        (before, limit),
-    ).rowcount
+    return int(
+        db.execute(
+            "DELETE FROM idempotency WHERE (project_id, user_id, key) IN (SELECT project_id, "
+            "user_id, key FROM idempotency WHERE created_at < ? LIMIT ?)",
+            (before, limit),
+        ).rowcount
+    )

@@ -12,9 +12,9 @@ pixel only (a retried row's event name is not at hand), under the event name "".
 
 from __future__ import annotations
 
-import sqlite3
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from server.storage.database import Connection, conditions
 from server.storage.writer import PRUNE_BATCH
 
 KEYS = ("em", "ph", "external_id", "fbc", "fbp")  # counted one by one
@@ -49,7 +49,11 @@ SCHEMA = (
     PRIMARY KEY (minute, project_id, pixel_id, code)
 )""",
 )
-TABLES = ("minute_events", "minute_sources", "minute_failures")
+_KEYS = {  # each table's primary key
+    "minute_events": "minute, project_id, pixel_id, event_name",
+    "minute_sources": "minute, project_id, pixel_id, event_name, action_source",
+    "minute_failures": "minute, project_id, pixel_id, code",
+}
 
 EventKey = tuple[int, str, str, str]  # (minute, project, pixel, event name)
 SourceKey = tuple[int, str, str, str, str]  # ... and action source
@@ -88,20 +92,20 @@ class Coverage(NamedTuple):
     none: int
 
 
-def create_schema(db: sqlite3.Connection) -> None:
+def create_schema(db: Connection) -> None:
     for statement in SCHEMA:  # not executescript: it would COMMIT a writer's transaction
         db.execute(statement)
 
 
 def add(
-    db: sqlite3.Connection,
+    db: Connection,
     events: dict[EventKey, list[int]],
     sources: dict[SourceKey, int],
     failures: dict[FailureKey, int],
 ) -> None:
     """Adds counts to what the minutes already hold (`events`' lists in EVENT_COLUMNS order)."""
     columns = ", ".join(EVENT_COLUMNS)
-    adding = ", ".join(f"{c} = {c} + excluded.{c}" for c in EVENT_COLUMNS)
+    adding = ", ".join(f"{c} = minute_events.{c} + excluded.{c}" for c in EVENT_COLUMNS)
     db.executemany(
         f"INSERT INTO minute_events (minute, project_id, pixel_id, event_name, {columns}) "  # noqa: S608
         f"VALUES (?, ?, ?, ?, {', '.join('?' * len(EVENT_COLUMNS))}) "
@@ -111,50 +115,53 @@ def add(
     db.executemany(
         "INSERT INTO minute_sources VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT "
         "(minute, project_id, pixel_id, event_name, action_source) "
-        "DO UPDATE SET accepted = accepted + excluded.accepted",
+        "DO UPDATE SET accepted = minute_sources.accepted + excluded.accepted",
         [(*key, count) for key, count in sources.items()],
     )
     db.executemany(
         "INSERT INTO minute_failures VALUES (?, ?, ?, ?, ?) ON CONFLICT "
-        "(minute, project_id, pixel_id, code) DO UPDATE SET failed = failed + excluded.failed",
+        "(minute, project_id, pixel_id, code) "
+        "DO UPDATE SET failed = minute_failures.failed + excluded.failed",
         [(*key, count) for key, count in failures.items()],
     )
 
 
-def prune(db: sqlite3.Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
+def prune(db: Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
     """Deletes up to `limit` rows of minutes before `before` from each table."""
     return sum(
         db.execute(
-            f"DELETE FROM {table} WHERE rowid IN "  # noqa: S608 - table names are constants
-            f"(SELECT rowid FROM {table} WHERE minute < ? LIMIT ?)",
+            f"DELETE FROM {table} WHERE ({key}) IN "  # noqa: S608 - names are constants
+            f"(SELECT {key} FROM {table} WHERE minute < ? LIMIT ?)",
             (before, limit),
         ).rowcount
-        for table in TABLES
+        for table, key in _KEYS.items()
     )
 
 
-# Parameters ?3 and ?4: one project and one pixel, or all of them.
-_SCOPE = "(?3 IS NULL OR project_id = ?3) AND (?4 IS NULL OR pixel_id = ?4)"
+def _scope(project_id: str | None, pixel_id: str | None) -> tuple[str, list[Any]]:
+    """One project and one pixel, or all of them."""
+    return conditions(("project_id = ?", project_id), ("pixel_id = ?", pixel_id))
 
 
 def series(
-    db: sqlite3.Connection,
+    db: Connection,
     since: float,
     until: float,
     project_id: str | None = None,
     pixel_id: str | None = None,
 ) -> list[MinuteCounts]:
     """Per minute with data in [since, until), oldest first."""
+    scope, args = _scope(project_id, pixel_id)
     rows = db.execute(
         "SELECT minute, sum(accepted), sum(delivered), sum(failed), sum(retried) "  # noqa: S608
-        f"FROM minute_events WHERE minute >= ?1 AND minute < ?2 AND {_SCOPE} "
+        f"FROM minute_events WHERE minute >= ? AND minute < ? AND {scope} "
         "GROUP BY minute ORDER BY minute",
-        (since, until, project_id, pixel_id),
+        (since, until, *args),
     ).fetchall()
     return [MinuteCounts._make(row) for row in rows]
 
 
-def pixels(db: sqlite3.Connection, since: float) -> list[PixelCounts]:
+def pixels(db: Connection, since: float) -> list[PixelCounts]:
     """Each pixel's counts since `since`, busiest first."""
     rows = db.execute(
         "SELECT project_id, pixel_id, sum(accepted), sum(delivered), sum(failed) "
@@ -168,9 +175,7 @@ def pixels(db: sqlite3.Connection, since: float) -> list[PixelCounts]:
 _COVERAGE_SUMS = ", ".join(f"sum({c})" for c in COVERAGE)
 
 
-def coverage(
-    db: sqlite3.Connection, since: float, project_id: str, pixel_id: str
-) -> list[Coverage]:
+def coverage(db: Connection, since: float, project_id: str, pixel_id: str) -> list[Coverage]:
     """Per event name (most accepted first), then `*` for all of them; names with no accepted
     event are left out."""
     rows = db.execute(
@@ -187,7 +192,7 @@ def coverage(
 
 
 def coverage_series(
-    db: sqlite3.Connection, since: float, until: float, project_id: str, pixel_id: str
+    db: Connection, since: float, until: float, project_id: str, pixel_id: str
 ) -> list[tuple[int, Coverage]]:
     """All event names together, per minute with accepted events, oldest first."""
     rows = db.execute(
@@ -200,7 +205,7 @@ def coverage_series(
 
 
 def sources(
-    db: sqlite3.Connection, since: float, project_id: str, pixel_id: str
+    db: Connection, since: float, project_id: str, pixel_id: str
 ) -> list[tuple[str, str, int]]:
     """(event name, action source, accepted), most first."""
     rows = db.execute(
@@ -213,15 +218,16 @@ def sources(
 
 
 def failure_codes(
-    db: sqlite3.Connection,
+    db: Connection,
     since: float,
     project_id: str | None = None,
     pixel_id: str | None = None,
 ) -> list[tuple[str, int]]:
     """(code, failed events), most first."""
+    scope, args = _scope(project_id, pixel_id)
     rows = db.execute(
-        "SELECT code, sum(failed) FROM minute_failures WHERE minute >= ?1 "  # noqa: S608
-        f"AND {_SCOPE} GROUP BY code ORDER BY sum(failed) DESC, code",
-        (since, None, project_id, pixel_id),
+        "SELECT code, sum(failed) FROM minute_failures WHERE minute >= ? "  # noqa: S608
+        f"AND {scope} GROUP BY code ORDER BY sum(failed) DESC, code",
+        (since, *args),
     ).fetchall()
     return [(code, count) for code, count in rows]

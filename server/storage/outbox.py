@@ -33,7 +33,17 @@ import orjson
 from server.errors import StorageUnavailable
 from server.logs import log
 from server.storage import idempotency, minutes
-from server.storage.writer import PRUNE_BATCH, Writer, connect
+from server.storage.database import (
+    ERRORS,
+    ERRORS_OR_TIMEOUT,
+    Connection,
+    Database,
+    SqliteDatabase,
+    conditions,
+    is_postgres,
+)
+from server.storage.postgres import OUTBOX_CHANNEL
+from server.storage.writer import PRUNE_BATCH
 from tools.capi import MAX_AGE_SECONDS, MAX_AGE_SECONDS_PHYSICAL_STORE
 
 TABLE = """
@@ -72,19 +82,20 @@ STATUSES = ("queued", "held", "delivered", "failed")
 # What the pending events of a removed credential fail with (never sent with another token).
 CREDENTIAL_REMOVED = {"code": "INTEGRATION_NOT_ENABLED", "message": "The credential was removed."}
 PENDING = ("queued", "held")
+ALL = 2**62  # a LIMIT that takes every row (PostgreSQL refuses SQLite's -1)
 _COLUMNS = (
     "seq, project_id, user_id, credential_id, event_id, event_name, pixel_id, test_event_code, "
     "expires_at, attempts, event"
 )
 
 
-def create_schema(db: sqlite3.Connection) -> None:
+def create_schema(db: Connection) -> None:
     db.executescript(TABLE)
     _add_credential_column(db)
     db.executescript(INDEXES)
 
 
-def tie_to_credentials(db: sqlite3.Connection) -> None:
+def tie_to_credentials(db: Connection) -> None:
     """Schema version 2 (credentials.py, in its migration's transaction): a pending event of
     version 1 was for its user's only credential, which is now that user's default one."""
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone() is None:
@@ -98,7 +109,7 @@ def tie_to_credentials(db: sqlite3.Connection) -> None:
     db.execute("DROP INDEX IF EXISTS outbox_held")  # version 1's, by user
 
 
-def _add_credential_column(db: sqlite3.Connection) -> bool:
+def _add_credential_column(db: Connection) -> bool:
     """Adds version 2's column to a version 1 table; whether it had to."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
     if "credential_id" in columns:
@@ -144,7 +155,15 @@ class Claimed(NamedTuple):
     data: bytes
 
 
-Row = tuple[Any, ...]  # an outbox row's values, in INSERT order
+Row = tuple[Any, ...]  # an outbox row's values, in _INSERT_COLUMNS order
+_INSERT_COLUMNS = (
+    "project_id, user_id, credential_id, event_id, event_name, pixel_id, test_event_code, "
+    "expires_at, attempts, next_at, created_at, updated_at, error, event"
+)
+_INSERT_TYPES = (
+    "text", "text", "text", "text", "text", "text", "text",
+    "float8", "int4", "float8", "float8", "float8", "bytea", "bytea",
+)  # fmt: skip
 
 
 def rows_of(
@@ -164,31 +183,45 @@ def rows_of(
     ]  # fmt: skip
 
 
-def insert(db: sqlite3.Connection, rows: Sequence[Row]) -> range:
-    """The new rows' seqs, in order: one statement, so they are consecutive (SQLite gives a
-    new row the largest rowid plus one, and nothing else writes meanwhile)."""
+def insert(db: Connection, rows: Sequence[Row]) -> list[int]:
+    """The new rows' seqs, in the order of `rows`."""
+    if is_postgres(db):
+        # One statement whatever the count: the columns as arrays (PostgreSQL's unnest). Seqs
+        # are drawn as the rows are inserted, in order, so sorted they match `rows`.
+        columns = list(zip(*rows, strict=True)) if rows else [()] * len(_INSERT_TYPES)
+        found = db.execute(
+            f"INSERT INTO outbox ({_INSERT_COLUMNS}, status) SELECT *, 'queued' FROM unnest("  # noqa: S608
+            + ", ".join(f"?::{kind}[]" for kind in _INSERT_TYPES)
+            + ") RETURNING seq",
+            [list(column) for column in columns],
+        ).fetchall()
+        return sorted(int(row[0]) for row in found)
+    # One statement, so they are consecutive: SQLite gives a new row the largest rowid plus
+    # one, and nothing else writes meanwhile.
     db.executemany(
-        "INSERT INTO outbox (project_id, user_id, credential_id, event_id, event_name, "
-        "pixel_id, test_event_code, expires_at, status, attempts, next_at, created_at, "
-        "updated_at, error, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO outbox ({_INSERT_COLUMNS}, status) "  # noqa: S608
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
         rows,
     )
     last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
-    return range(last - len(rows) + 1, last + 1)
+    return list(range(last - len(rows) + 1, last + 1))
 
 
-def claim(db: sqlite3.Connection, *, now: float, lease_until: float, limit: int) -> list[Claimed]:
-    """Due events, oldest due first, leased until `lease_until`."""
+def claim(db: Connection, *, now: float, lease_until: float, limit: int) -> list[Claimed]:
+    """Due events, oldest due first, leased until `lease_until`. On PostgreSQL rows another
+    instance is claiming are skipped, not waited for (SKIP LOCKED:
+    https://www.postgresql.org/docs/current/sql-select.html#SQL-FOR-UPDATE-SHARE)."""
+    locking = " FOR UPDATE SKIP LOCKED" if is_postgres(db) else ""
     rows = db.execute(
         f"UPDATE outbox SET next_at = ? WHERE seq IN (SELECT seq FROM outbox "  # noqa: S608
-        f"WHERE status = 'queued' AND next_at <= ? ORDER BY next_at LIMIT ?) "
+        f"WHERE status = 'queued' AND next_at <= ? ORDER BY next_at LIMIT ?{locking}) "
         f"RETURNING {_COLUMNS}",
         (lease_until, now, limit),
     ).fetchall()
     return [Claimed._make(row) for row in rows]
 
 
-def renew(db: sqlite3.Connection, seqs: Iterable[int], *, lease_until: float) -> None:
+def renew(db: Connection, seqs: Iterable[int], *, lease_until: float) -> None:
     """Extends the claims on rows still queued (a settled row is left as it is)."""
     _each(
         db,
@@ -197,12 +230,12 @@ def renew(db: sqlite3.Connection, seqs: Iterable[int], *, lease_until: float) ->
     )
 
 
-def next_due(db: sqlite3.Connection) -> float | None:
+def next_due(db: Connection) -> float | None:
     row = db.execute("SELECT min(next_at) FROM outbox WHERE status = 'queued'").fetchone()
     return None if row[0] is None else float(row[0])
 
 
-def pending_count(db: sqlite3.Connection) -> int:
+def pending_count(db: Connection) -> int:
     """Queued and held rows, counted on their partial indexes."""
     row = db.execute(
         "SELECT (SELECT count(*) FROM outbox WHERE status = 'queued') + "
@@ -211,7 +244,7 @@ def pending_count(db: sqlite3.Connection) -> int:
     return int(row[0])
 
 
-def oldest_pending(db: sqlite3.Connection) -> float | None:
+def oldest_pending(db: Connection) -> float | None:
     """When the oldest queued or held event was accepted: the first entry of
     `outbox_pending_age`, not a scan."""
     row = db.execute(
@@ -220,7 +253,10 @@ def oldest_pending(db: sqlite3.Connection) -> float | None:
     return None if row[0] is None else float(row[0])
 
 
-def gauges(db: sqlite3.Connection) -> tuple[int, int, int, float | None]:
+Gauges = tuple[int, int, int, float | None]  # queued, held, failed, oldest pending
+
+
+def gauges(db: Connection) -> Gauges:
     """(queued, held, failed, oldest pending acceptance time) for the metrics, each from a
     partial index: the counts cost one step per row of their status, never a table scan."""
     queued, held, failed = db.execute(
@@ -232,7 +268,7 @@ def gauges(db: sqlite3.Connection) -> tuple[int, int, int, float | None]:
 
 
 def mark_delivered(
-    db: sqlite3.Connection, seqs: Iterable[int], *, now: float, fbtrace_id: str | None
+    db: Connection, seqs: Iterable[int], *, now: float, fbtrace_id: str | None
 ) -> int:
     """Counts only rows that were still pending (a replayed or duplicate send changes none).
     One statement per run of consecutive seqs: a claim's seqs mostly are."""
@@ -256,7 +292,7 @@ def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:
 
 
 def mark_failed(
-    db: sqlite3.Connection,
+    db: Connection,
     seqs: Iterable[int],
     *,
     now: float,
@@ -271,9 +307,7 @@ def mark_failed(
     )
 
 
-def mark_held(
-    db: sqlite3.Connection, seqs: Iterable[int], *, now: float, error: dict[str, Any]
-) -> None:
+def mark_held(db: Connection, seqs: Iterable[int], *, now: float, error: dict[str, Any]) -> None:
     _each(
         db,
         "UPDATE outbox SET status = 'held', attempts = attempts + 1, updated_at = ?, error = ? "
@@ -283,7 +317,7 @@ def mark_held(
 
 
 def reschedule(
-    db: sqlite3.Connection,
+    db: Connection,
     due: Iterable[tuple[int, float]],
     *,
     now: float,
@@ -301,41 +335,54 @@ def reschedule(
 
 
 def release_held(
-    db: sqlite3.Connection,
+    db: Connection,
     *,
     now: float,
     project_id: str | None = None,
     credential_id: str | None = None,
     project_token: bool = False,
-    limit: int = -1,
+    limit: int = ALL,
 ) -> int:
     """Held events (all, a project's, one credential's, or those for a project's token) due
-    again now; at most `limit` of them (-1: all), so a caller can commit in steps."""
+    again now; at most `limit` of them, so a caller can commit in steps."""
     where = _held_where(project_id, credential_id)
     if project_token:
         where += " AND credential_id IS NULL"
-    return db.execute(
+    released = db.execute(
         "UPDATE outbox SET status = 'queued', next_at = ?, updated_at = ? WHERE seq IN "  # noqa: S608
         f"(SELECT seq FROM outbox WHERE {where} LIMIT ?)",
         (now, now, *_held_args(project_id, credential_id), limit),
     ).rowcount
+    if released > 0:
+        notify_due(db)
+    return int(released)
+
+
+def notify_due(db: Connection) -> None:
+    """Events became due outside the dispatcher (a replay, a new token): on PostgreSQL every
+    instance's dispatcher hears it at once (NOTIFY is delivered when the transaction commits,
+    https://www.postgresql.org/docs/current/sql-notify.html); on SQLite its poll finds them."""
+    if is_postgres(db):
+        db.execute(f"NOTIFY {OUTBOX_CHANNEL}")
 
 
 def fail_held(
-    db: sqlite3.Connection,
+    db: Connection,
     *,
     now: float,
     project_id: str,
     credential_id: str,
     error: dict[str, Any],
-    limit: int = -1,
+    limit: int = ALL,
 ) -> int:
-    """One credential's held events failed with `error`; at most `limit` of them (-1: all)."""
-    return db.execute(
-        "UPDATE outbox SET status = 'failed', updated_at = ?, error = ? WHERE seq IN "  # noqa: S608
-        f"(SELECT seq FROM outbox WHERE {_held_where(project_id, credential_id)} LIMIT ?)",
-        (now, orjson.dumps(error), project_id, credential_id, limit),
-    ).rowcount
+    """One credential's held events failed with `error`; at most `limit` of them."""
+    return int(
+        db.execute(
+            "UPDATE outbox SET status = 'failed', updated_at = ?, error = ? WHERE seq IN "  # noqa: S608
+            f"(SELECT seq FROM outbox WHERE {_held_where(project_id, credential_id)} LIMIT ?)",
+            (now, orjson.dumps(error), project_id, credential_id, limit),
+        ).rowcount
+    )
 
 
 def _held_where(project_id: str | None, credential_id: str | None) -> str:
@@ -357,18 +404,20 @@ def _held_args(project_id: str | None, credential_id: str | None) -> tuple[str, 
     return (project_id,) if credential_id is None else (project_id, credential_id)
 
 
-def prune(db: sqlite3.Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
+def prune(db: Connection, *, before: float, limit: int = PRUNE_BATCH) -> int:
     """Deletes up to `limit` finished rows last changed before `before`."""
-    return db.execute(
-        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE status IN "
-        "('delivered', 'failed') AND updated_at < ? LIMIT ?)",
-        (before, limit),
-    ).rowcount
+    return int(
+        db.execute(
+            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE status IN "
+            "('delivered', 'failed') AND updated_at < ? LIMIT ?)",
+            (before, limit),
+        ).rowcount
+    )
 
 
-def _each(db: sqlite3.Connection, statement: str, rows: list[tuple[Any, ...]]) -> int:
+def _each(db: Connection, statement: str, rows: list[tuple[Any, ...]]) -> int:
     cursor = db.executemany(statement, rows)
-    return max(cursor.rowcount, 0)
+    return max(int(cursor.rowcount), 0)
 
 
 # --- reading: the status route and the CLI ---------------------------------------------------
@@ -430,7 +479,7 @@ def _iso(seconds: float) -> str:
 
 
 def event_status(
-    db: sqlite3.Connection, project_id: str, user_id: str, event_id: str
+    db: Connection, project_id: str, user_id: str, event_id: str
 ) -> EventStatus | None:
     """The newest row of this user's event (a replay or a resend makes a new one)."""
     row = db.execute(
@@ -442,7 +491,7 @@ def event_status(
 
 
 def list_events(
-    db: sqlite3.Connection,
+    db: Connection,
     *,
     project_id: str | None = None,
     status: str | None = None,
@@ -450,23 +499,25 @@ def list_events(
     limit: int = 100,
 ) -> list[EventStatus]:
     """Newest first; `status` is one of STATUSES."""
+    where, args = conditions(
+        ("project_id = ?", project_id), ("status = ?", status), ("updated_at >= ?", since)
+    )
     rows = db.execute(
-        f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE (?1 IS NULL OR project_id = ?1) "  # noqa: S608
-        "AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR updated_at >= ?3) "
-        "ORDER BY seq DESC LIMIT ?4",
-        (project_id, status, since, limit),
+        f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE {where} ORDER BY seq DESC LIMIT ?",  # noqa: S608
+        (*args, limit),
     ).fetchall()
     return [EventStatus(*row) for row in rows]
 
 
-def stats(db: sqlite3.Connection, *, project_id: str | None = None) -> dict[str, Any]:
+def stats(db: Connection, *, project_id: str | None = None) -> dict[str, Any]:
     """Counts by status, the oldest pending event's acceptance time, and per pixel."""
     by_status = dict.fromkeys(STATUSES, 0)
     pixels: dict[str, dict[str, Any]] = {}
+    where, args = conditions(("project_id = ?", project_id))
     for pixel, status, count, oldest in db.execute(
-        "SELECT pixel_id, status, count(*), min(created_at) FROM outbox "
-        "WHERE ?1 IS NULL OR project_id = ?1 GROUP BY pixel_id, status",
-        (project_id,),
+        "SELECT pixel_id, status, count(*), min(created_at) FROM outbox "  # noqa: S608
+        f"WHERE {where} GROUP BY pixel_id, status",
+        args,
     ):
         by_status[status] = by_status.get(status, 0) + count
         entry = pixels.setdefault(pixel, {**dict.fromkeys(STATUSES, 0), "oldest_pending": None})
@@ -484,7 +535,7 @@ def stats(db: sqlite3.Connection, *, project_id: str | None = None) -> dict[str,
 
 
 def replay(
-    db: sqlite3.Connection,
+    db: Connection,
     *,
     now: float,
     project_id: str | None = None,
@@ -511,10 +562,11 @@ def replay(
         "AND newer.seq > outbox.seq)"
     )
     if all_failed:
+        where, args = conditions(("project_id = ?", project_id))
         rows = db.execute(
-            f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE seq > ?1 AND status = 'failed' "  # noqa: S608
-            f"AND (?2 IS NULL OR project_id = ?2) AND {newest} ORDER BY seq LIMIT ?3",
-            (after_seq, project_id, limit),
+            f"SELECT {_STATUS_COLUMNS} FROM outbox WHERE seq > ? AND status = 'failed' "  # noqa: S608
+            f"AND {where} AND {newest} ORDER BY seq LIMIT ?",
+            (after_seq, *args, limit),
         ).fetchall()
     elif seqs:
         rows = []
@@ -542,6 +594,8 @@ def replay(
             "error = NULL WHERE seq = ? AND status = 'failed'",
             [(now, now, row.seq) for row in replayed],
         )
+        if replayed:
+            notify_due(db)
     return replayed
 
 
@@ -549,37 +603,43 @@ T = TypeVar("T")
 _Insert = tuple[list[Row], "asyncio.Future[list[int]]"]
 
 
-def _settle_inserts(job: asyncio.Future[range], *, taken: list[_Insert]) -> None:
+def _settle_inserts(job: asyncio.Future[list[int]], *, taken: list[_Insert]) -> None:
     """Each call of the statement gets its own seqs, or the error that failed them all."""
     if job.cancelled() or job.exception() is not None:
-        error = job.exception() if not job.cancelled() else sqlite3.OperationalError("abandoned")
+        error = job.exception() if not job.cancelled() else None
         for _, future in taken:
             if not future.done():
                 future.set_exception(error or sqlite3.OperationalError("abandoned"))
         return
-    start = job.result().start
+    seqs = job.result()
+    start = 0
     for rows, future in taken:
         if not future.done():
-            future.set_result(list(range(start, start + len(rows))))
+            future.set_result(seqs[start : start + len(rows)])
         start += len(rows)
 
 
 class Outbox:
-    """The server's outbox: writes through the group-commit writer, reads on a connection of
-    their own (WAL readers never wait for the writer). `pending` counts queued and held rows,
-    kept in memory so the queue bound costs nothing per call."""
+    """The server's outbox, in either backend: writes through the group-commit writer, reads
+    on a connection of their own. `pending` counts queued and held rows, kept in memory so the
+    queue bound costs nothing per call (per process: several instances each count their own
+    and recount from the table every minute)."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float]) -> None:
-        self._read = connect(path)
+    def __init__(self, database: Database | Path, *, clock: Callable[[], float]) -> None:
+        """On `database`, or on the SQLite file at that path."""
+        if isinstance(database, Path):
+            database = SqliteDatabase(database)
+        self.database = database
         try:
-            create_schema(self._read)
-            idempotency.create_schema(self._read)
-            minutes.create_schema(self._read)
-            self.pending = pending_count(self._read)
+            if isinstance(database, SqliteDatabase):
+                database.read_now(create_schema)
+                database.read_now(idempotency.create_schema)
+                database.read_now(minutes.create_schema)
+            self.pending = database.read_now(pending_count)
         except BaseException:
-            self._read.close()
+            database.close()
             raise
-        self._writer = Writer(path)
+        database.start_writer()
         self.clock = clock
         # Inserts waiting for the writer (appended on the loop, taken in the writer's thread).
         self._lock = threading.Lock()
@@ -587,34 +647,43 @@ class Outbox:
         self._insert_submitted = False
 
     def close(self) -> None:
-        self._writer.close()
-        self._read.close()
+        self.database.close()
 
-    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._writer.run(job)
+    async def write(self, job: Callable[[Connection], T]) -> T:
+        return await self.database.submit(job)
+
+    async def read(self, job: Callable[[Connection], T]) -> T:
+        """A read: on SQLite on the loop (only primary-key and index lookups belong here), on
+        PostgreSQL in a worker thread."""
+        try:
+            return await self.database.read(job)
+        except ERRORS as exc:
+            log("storage_read_failed", logging.ERROR, error=type(exc).__name__)
+            raise StorageUnavailable(reading=True) from None
+
+    def read_now(self, job: Callable[[Connection], T]) -> T:
+        """A read in the caller's thread, off the loop (the CLI, tests)."""
+        return self.database.read_now(job)
 
     async def answers(self, *, timeout: float) -> bool:
-        """Whether storage answers: a real read on the read connection (one index lookup),
-        and a writer thread alive whose last transaction committed. Only after a failed one
-        does it write (an empty transaction, at most `timeout` seconds) to see whether the
-        disk or the lock has recovered; while healthy it costs the write path nothing."""
+        """Whether storage answers: a real read (one index lookup), and a writer alive whose
+        last transaction committed. Only after a failed one does it write (an empty
+        transaction, at most `timeout` seconds) to see whether the disk, the lock or the server
+        has recovered; while healthy it costs the write path nothing."""
         try:
-            self.read(next_due)
-        except sqlite3.Error:
+            async with asyncio.timeout(timeout):
+                await self.database.read(next_due)
+        except ERRORS_OR_TIMEOUT:
             return False
-        if not self._writer.alive:
+        if not self.database.alive:
             return False
-        if self._writer.failing:
+        if self.database.failing:
             try:
                 async with asyncio.timeout(timeout):
                     await self.write(lambda db: None)
-            except (sqlite3.Error, TimeoutError):
+            except ERRORS_OR_TIMEOUT:
                 return False
         return True
-
-    def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """A read on the loop: only primary-key and index lookups belong here."""
-        return job(self._read)
 
     async def enqueue(
         self,
@@ -638,16 +707,16 @@ class Outbox:
             submit, self._insert_submitted = not self._insert_submitted, True
         if submit:
             taken: list[_Insert] = []  # filled in the writer's thread, read once it is done
-            job = self._writer.submit(partial(self._insert_waiting, taken=taken))
+            job = self.database.submit(partial(self._insert_waiting, taken=taken))
             job.add_done_callback(partial(self._settle_inserts, taken=taken))
         try:
             return await future
-        except sqlite3.Error as exc:
+        except ERRORS as exc:
             self.pending -= len(events)
             log("outbox_write_failed", logging.ERROR, error=type(exc).__name__)
             raise StorageUnavailable from None
 
-    def _settle_inserts(self, job: asyncio.Future[range], *, taken: list[_Insert]) -> None:
+    def _settle_inserts(self, job: asyncio.Future[list[int]], *, taken: list[_Insert]) -> None:
         """On the loop, once the writer is done with the job. A transaction that failed before
         the job ran (the lock held past the busy timeout) took no insert: the inserts waiting
         for it fail with its error, and the next enqueue submits a job of its own."""
@@ -658,7 +727,7 @@ class Outbox:
                 self._insert_submitted = False
         _settle_inserts(job, taken=taken)
 
-    def _insert_waiting(self, db: sqlite3.Connection, *, taken: list[_Insert]) -> range:
+    def _insert_waiting(self, db: Connection, *, taken: list[_Insert]) -> list[int]:
         """In the writer's thread: every insert waiting now, in one statement."""
         with self._lock:
             taken += self._inserts

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-Job = Callable[[sqlite3.Connection], Any]
-_Waiting = tuple[Job, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+Job = Callable[[Any], Any]  # a function of a connection, either backend's
+Waiting = tuple[Job, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 # Jobs per transaction: bounds how long one commit keeps the others waiting.
 MAX_JOBS_PER_COMMIT = 512
 # Rows one pruning statement deletes at most: a clean-up never holds the writer for long.
@@ -41,7 +42,7 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
 class Writer:
     def __init__(self, path: Path) -> None:
         self._db = connect(path)
-        self._queue: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
         # The last transaction failed as a whole (the disk, or the lock held too long); the next
         # that commits clears it. Read by the readiness probe, at no cost to writes.
         self.failing = False
@@ -91,8 +92,8 @@ class Writer:
             if stop:
                 return
 
-    def _commit(self, batch: list[_Waiting]) -> None:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+    def _commit(self, batch: list[Waiting]) -> None:
+        outcomes: list[Outcome] = []
         try:
             self._db.execute("BEGIN IMMEDIATE")
             for job, _, future in batch:
@@ -112,15 +113,20 @@ class Writer:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             outcomes = [(future, None, exc) for _, _, future in batch]
-        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-        for (_, loop, _), outcome in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(loop, []).append(outcome)
-        for loop, settled in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop closed: no one is waiting
-                loop.call_soon_threadsafe(_settle_all, settled)
+        settle(batch, outcomes)
 
 
-def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def settle(batch: list[Waiting], outcomes: list[Outcome]) -> None:
+    """Each job's future gets its outcome, on the loop that waits for it."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+    for (_, loop, _), outcome in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(loop, []).append(outcome)
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop closed: no one is waiting
+            loop.call_soon_threadsafe(_settle_all, settled)
+
+
+def _settle_all(settled: list[Outcome]) -> None:
     for future, result, error in settled:
         if future.done():  # its caller was cancelled meanwhile; the write stands
             continue

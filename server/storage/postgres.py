@@ -1,0 +1,328 @@
+"""PostgreSQL: the state several funnelgate instances share (psycopg 3).
+
+The statements of storage/*.py are written once, in SQLite's `?` placeholder style, as plain
+functions of a connection; `PgConnection` gives them a psycopg connection that speaks that
+style, so the outbox, credentials, idempotency keys and counters have one set of statements
+and two backends. Where the dialects differ the statements ask `is_postgres(db)`.
+
+Threads, as for SQLite: one thread owns the write connection and commits every write waiting
+when it is free in one transaction (group commit, writer.py); reads run on pooled connections
+in worker threads. A job is a synchronous function of a connection, so the same job runs on
+either backend; the event loop only awaits its future. Every connection reconnects by itself:
+a write or read that meets a dead server fails (503 STORAGE_UNAVAILABLE where a caller waits),
+and the next one opens a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import pq
+from psycopg_pool import ConnectionPool
+
+from server.logs import log
+from server.storage.writer import MAX_JOBS_PER_COMMIT, Waiting, settle
+
+T = TypeVar("T")
+CONNECT_TIMEOUT_SECONDS = 5
+# A statement that runs longer is cancelled by the server: nothing holds the writer for ever.
+STATEMENT_TIMEOUT_MS = 30_000
+READERS = 4  # pooled read connections per process
+RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits between attempts; the last repeats
+OUTBOX_CHANNEL = "funnelgate_outbox"  # NOTIFY: events became due (storage/schema_pg.py)
+_PLACEHOLDER = re.compile(r"\?(\d*)")
+
+
+@functools.lru_cache(maxsize=1024)
+def dialect(sql: str) -> str:
+    """A statement written for SQLite as psycopg takes it: `?` becomes `%s` (a literal `%`
+    doubles), `BEGIN IMMEDIATE` becomes `BEGIN` (PostgreSQL takes row locks as it writes)."""
+    if sql == "BEGIN IMMEDIATE":
+        return "BEGIN"
+
+    def placeholder(match: re.Match[str]) -> str:
+        if match.group(1):
+            raise ValueError(f"numbered placeholders are SQLite's only: {sql[:80]}")
+        return "%s"
+
+    return _PLACEHOLDER.sub(placeholder, sql.replace("%", "%%"))
+
+
+class PgConnection:
+    """A psycopg connection (autocommit: transactions are the statements' own BEGIN and
+    COMMIT, as on SQLite) with sqlite3.Connection's `execute` and `executemany`."""
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        return self.raw.execute(dialect(sql), params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> psycopg.Cursor[Any]:
+        cursor = self.raw.cursor()
+        if rows:
+            cursor.executemany(dialect(sql), rows)
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != pq.TransactionStatus.IDLE
+
+    @property
+    def broken(self) -> bool:
+        return self.raw.closed or self.raw.broken
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def connect(url: str) -> PgConnection:
+    """A new autocommit connection; psycopg.OperationalError when the server cannot be
+    reached within CONNECT_TIMEOUT_SECONDS."""
+    raw = psycopg.connect(url, **_options())
+    return PgConnection(raw)
+
+
+def _options() -> dict[str, Any]:
+    return {
+        "autocommit": True,
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        "application_name": "funnelgate",
+    }
+
+
+def _backoff(attempt: int) -> float:
+    return RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
+
+
+class PgWriter:
+    """Group commit on PostgreSQL (writer.py's Writer says why). A job that raises makes the
+    whole transaction roll back; its batch then runs again one job per transaction, so only
+    the failing job fails. (Not a SAVEPOINT per job: past 64 subtransactions in one
+    transaction every other session's snapshots slow down,
+    https://www.postgresql.org/docs/current/subxacts.html.)"""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._db: PgConnection | None = None
+        self._queue: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
+        self.failing = False
+        self._thread = threading.Thread(target=self._loop, name="funnelgate-pg-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[Any], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((job, loop, future))
+        return future
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._db is not None:
+            self._db.close()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_JOBS_PER_COMMIT:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _connection(self) -> PgConnection:
+        if self._db is None or self._db.broken:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self._db = connect(self._url)
+        return self._db
+
+    def _commit(self, batch: list[Waiting]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+        try:
+            db = self._connection()
+            outcomes = self._together(db, batch)
+            self.failing = False
+        except _JobFailed:
+            outcomes = [self._alone(job, future) for job, _, future in batch]
+        except psycopg.Error as exc:  # the server or the network: nothing of the batch holds
+            self._failed(exc)
+            outcomes = [(future, None, exc) for _, _, future in batch]
+        settle(batch, outcomes)
+
+    def _together(
+        self, db: PgConnection, batch: list[Waiting]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        db.execute("BEGIN")
+        results = []
+        try:
+            for job, _, _ in batch:
+                try:
+                    results.append(job(db))
+                except psycopg.OperationalError:
+                    raise
+                except Exception as exc:
+                    raise _JobFailed from exc
+            db.execute("COMMIT")
+        except BaseException:
+            if not db.broken and db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return [
+            (future, result, None) for (_, _, future), result in zip(batch, results, strict=True)
+        ]
+
+    def _alone(
+        self, job: Callable[[Any], Any], future: asyncio.Future[Any]
+    ) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
+        try:
+            db = self._connection()
+            db.execute("BEGIN")
+            try:
+                result = job(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if not db.broken and db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except psycopg.OperationalError as exc:
+            self._failed(exc)
+            return future, None, exc
+        except Exception as exc:
+            return future, None, exc
+        self.failing = False
+        return future, result, None
+
+    def _failed(self, exc: psycopg.Error) -> None:
+        if not self.failing:
+            log("storage_write_failed", logging.ERROR, error=type(exc).__name__)
+        self.failing = True
+        if self._db is not None and self._db.broken:
+            self._db.close()
+            self._db = None
+
+
+class _JobFailed(Exception):
+    """A job raised: the batch runs again, one job per transaction."""
+
+
+class Readers:
+    """Reads on pooled connections, in worker threads: the event loop never waits on the
+    network. A dead connection is replaced by the pool (`check`)."""
+
+    def __init__(self, url: str) -> None:
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=READERS,
+            kwargs=_options(),
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            check=ConnectionPool.check_connection,
+            open=False,
+            name="funnelgate-readers",
+        )
+        self._pool.open(wait=False)
+        self._slots = asyncio.Semaphore(READERS)
+
+    async def read(self, job: Callable[[Any], T]) -> T:
+        async with self._slots:
+            return await asyncio.to_thread(self.read_now, job)
+
+    def read_now(self, job: Callable[[Any], T]) -> T:
+        with self._pool.connection() as raw:
+            return job(PgConnection(raw))
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class Listener:
+    """LISTEN on the outbox's channel, in a thread of its own: every NOTIFY (new or replayed
+    events, from any instance or the CLI) calls `wake` on the loop. Reconnects by itself, and
+    wakes once after reconnecting (a notice sent meanwhile was missed)."""
+
+    def __init__(self, url: str, wake: Callable[[], None]) -> None:
+        self._url = url
+        self._wake = wake
+        self._loop = asyncio.get_running_loop()
+        self._stopping = threading.Event()
+        self._raw: psycopg.Connection[Any] | None = None
+        self._thread = threading.Thread(target=self._run, name="funnelgate-listen", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        raw = self._raw
+        if raw is not None:
+            with contextlib.suppress(Exception):
+                raw.cancel_safe(timeout=1)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._url, **_options()) as raw:
+                    self._raw = raw
+                    raw.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    attempt = 0
+                    self._notify()
+                    while not self._stopping.is_set():
+                        for _ in raw.notifies(timeout=1.0, stop_after=1):
+                            self._notify()
+            except psycopg.Error as exc:
+                if self._stopping.is_set():
+                    return
+                log("storage_listen_failed", logging.WARNING, error=type(exc).__name__)
+                self._stopping.wait(_backoff(attempt))
+                attempt += 1
+            finally:
+                self._raw = None
+
+    def _notify(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody to wake
+            self._loop.call_soon_threadsafe(self._wake)
+
+
+def wait_for_server(url: str, *, timeout: float) -> None:
+    """Until the server accepts a connection (start-up: a database that restarts with us)."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        try:
+            connect(url).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() + _backoff(attempt) > deadline:
+                raise
+            time.sleep(_backoff(attempt))
+            attempt += 1
