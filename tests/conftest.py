@@ -15,6 +15,7 @@ from server import logs
 from server.app import create_app
 from server.config import Config
 from server.delivery.transport import GraphTransport
+from tests.postgres import Server, start_server
 from tests.support import (
     NOW,
     PROJECT_TOKEN,
@@ -26,6 +27,32 @@ from tests.support import (
     rsa_private_key,
     sign_token,
 )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Server]:
+    """One PostgreSQL server for the session (tests/postgres.py), stopped at its end."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Server) -> Iterator[str]:
+    """A database of the test's own on that server."""
+    with postgres_server.fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str | None:
+    """Each backend in turn: None for the SQLite file, else a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
 @pytest.fixture(scope="session")

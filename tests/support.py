@@ -99,15 +99,17 @@ def make_config(
     *,
     graph_settings: Mapping[str, Any] | None = None,
     delivery_settings: Mapping[str, Any] | None = None,
+    database_url: str | None = None,
     **project: Any,
 ) -> Config:
     """A config with one project (PROJECT, verified by `key`'s public half), parsed by the
     real parser; `graph_settings` are [graph] keys, `delivery_settings` [delivery] keys,
-    `project` the project's own keys."""
+    `database_url` a PostgreSQL database (default: the SQLite file), `project` the project's
+    own keys."""
     raw = {
         "graph": {"base_url": "https://graph.example.test", **(graph_settings or {})},
         "delivery": {"sync_budget_seconds": 5.0, **(delivery_settings or {})},
-        "storage": {"url": "sqlite:///funnelgate.db"},
+        "storage": {"url": database_url or "sqlite:///funnelgate.db"},
         "projects": [
             {"id": PROJECT, "jwt_public_key": public_pem(key)}
             | {k: v for k, v in project.items() if v is not None}  # None: leave the key out
