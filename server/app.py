@@ -31,6 +31,7 @@ from server.console import pages as console_pages
 from server.delivery.coalesce import Coalescer
 from server.delivery.dispatcher import Dispatcher
 from server.delivery.graph import GraphClient, Sender
+from server.delivery.shared_backoff import SharedBackoff
 from server.delivery.throttle import Breakers
 from server.delivery.transport import AiohttpTransport, GraphTransport, HttpxTransport
 from server.errors import (
@@ -116,7 +117,9 @@ def create_app(
         )  # fmt: skip
         app.state.mcp = session_manager()
         database.listen(dispatcher.wake)  # other instances' events, at once (PostgreSQL)
+        backoff = SharedBackoff(graph.breakers, queue, clock=clock)
         dispatcher.start()
+        backoff.start()
         tally.start()
         try:
             async with (
@@ -128,6 +131,7 @@ def create_app(
             # uvicorn has finished the calls in flight (or given up on them) by now.
             await app.state.runner.drain()
             await dispatcher.stop(timeout=config.server.shutdown_seconds / 2)
+            await backoff.stop()
             await tally.stop()
             await graph.aclose()
             queue.close()

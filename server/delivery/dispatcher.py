@@ -44,7 +44,7 @@ from server.delivery.graph import (
 from server.delivery.policy import Verdict
 from server.delivery.timeouts import AttemptTimeouts
 from server.logs import log
-from server.storage import credentials, idempotency, minutes, outbox
+from server.storage import breakers, credentials, idempotency, minutes, outbox
 from server.storage.credentials import Credentials
 from server.storage.outbox import CREDENTIAL_REMOVED, Claimed, Outbox
 from server.storage.writer import PRUNE_BATCH
@@ -437,6 +437,7 @@ class Dispatcher:
         events = await self._prune_all(outbox.prune, now - days * 86400)
         await self._prune_all(idempotency.prune, now - idempotency.KEY_TTL_SECONDS)
         await self._prune_all(minutes.prune, now - days * 86400)
+        await self._queue.write(partial(breakers.prune, before=now - breakers.KEEP_SECONDS))
         if events:
             log("events_pruned", events=events)
 

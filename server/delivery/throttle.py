@@ -7,6 +7,10 @@ Meta throttles per app and per ad account and asks callers to slow down
 are in policy.py. A throttling answer opens the breaker at once; other transient failures
 (5xx, timeouts) after THRESHOLD in a row, so one blip does not divert a pixel's calls.
 
+Several instances on one database share their breakers (shared_backoff.py): an interval one
+instance opens is published, and the others hold the same key until it ends, so a throttled
+pixel gets one probe per interval from each instance, not a stream from each.
+
 Bound (README, Delivery): while a breaker is open nothing is sent for its key; when the
 interval ends one request probes, and the others wait for its outcome. Intervals start at
 FAILING_SECONDS (THROTTLED_SECONDS when Meta said so), double on each failed probe up to the
@@ -15,6 +19,8 @@ cap, and carry up to 25 % jitter, never below the start.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -26,11 +32,23 @@ THROTTLED_SECONDS, THROTTLED_CAP = 5.0, 300.0
 # Meta's throttling codes (Graph API rate limiting; the Marketing API's 80000-80014).
 THROTTLE_CODES = frozenset({4, 17, 32, 613, *range(80000, 80015)})
 
+MAX_UNSHARED = 1000  # changes kept while the database is down (the newest)
 Key = tuple[str, str]  # (access token, pixel id); never logged
+# An opened or closed breaker as instances share it: (digest of the key, pixel, open until,
+# failures); open until 0 means closed.
+Change = tuple[str, str, float, int]
+
+
+@functools.lru_cache(maxsize=4096)
+def digest(key: Key) -> str:
+    """The key as it is stored and shared: a SHA-256, never the access token itself."""
+    token, pixel_id = key
+    return hashlib.sha256(f"{token}\0{pixel_id}".encode()).hexdigest()
 
 
 @dataclass
 class _State:
+    pixel_id: str
     failures: int = 0
     open_until: float = 0.0
     probing: bool = False
@@ -45,11 +63,12 @@ class Breakers:
     ) -> None:
         self._clock = clock
         self._rand = rand
-        self._states: dict[Key, _State] = {}
+        self._states: dict[str, _State] = {}  # by digest(key)
+        self._changes: list[Change] = []  # not yet shared with the other instances
 
     def open_until(self, key: Key) -> float:
         """When `key` may be tried again; 0 when it may be tried now."""
-        state = self._states.get(key)
+        state = self._states.get(digest(key))
         if state is None or (state.open_until <= self._clock() and not state.probing):
             return 0.0
         return max(state.open_until, self._clock() + FAILING_SECONDS / 4)
@@ -57,7 +76,7 @@ class Breakers:
     def allow(self, key: Key) -> bool:
         """Whether a request for `key` may go now. After an open interval the first caller
         gets True (the probe) and must report its outcome; the others get False until then."""
-        state = self._states.get(key)
+        state = self._states.get(digest(key))
         if state is None or state.open_until == 0.0:
             return True
         if state.probing or state.open_until > self._clock():
@@ -66,10 +85,12 @@ class Breakers:
         return True
 
     def succeeded(self, key: Key) -> None:
-        self._states.pop(key, None)
+        state = self._states.pop(digest(key), None)
+        if state is not None and state.open_until:
+            self._changes.append((digest(key), state.pixel_id, 0.0, 0))
 
     def failed(self, key: Key, *, throttled: bool) -> None:
-        state = self._states.setdefault(key, _State())
+        state = self._states.setdefault(digest(key), _State(key[1]))
         was_probe, state.probing = state.probing, False
         if state.open_until > self._clock() and not was_probe:
             return  # sent before the breaker opened: its failure is already counted
@@ -82,19 +103,40 @@ class Breakers:
         doublings = max(0, state.failures - (1 if throttled else THRESHOLD))
         interval = min(cap, start * 2.0**doublings) * (1.0 + 0.25 * self._rand())
         state.open_until = self._clock() + interval
+        self._changes.append((digest(key), key[1], state.open_until, state.failures))
+
+    def taken_changes(self) -> list[Change]:
+        """The breakers opened or closed here since the last call, to share."""
+        changes, self._changes = self._changes, []
+        return changes
+
+    def requeue(self, changes: list[Change]) -> None:
+        """Changes that could not be shared yet: tried again with the next."""
+        self._changes = (changes + self._changes)[-MAX_UNSHARED:]
+
+    def merge(self, shared: list[Change]) -> None:
+        """Intervals other instances opened: each key waits at least as long as the longest."""
+        now = self._clock()
+        for key_digest, pixel_id, open_until, failures in shared:
+            if open_until <= now:
+                continue
+            state = self._states.setdefault(key_digest, _State(pixel_id))
+            if state.open_until < open_until and not state.probing:
+                state.open_until = open_until
+                state.failures = max(state.failures, failures)
 
     def open_pixels(self) -> list[tuple[str, float, int]]:
         """(pixel, seconds until a probe may go, failures) of each breaker open now; never a
         key's access token."""
         now = self._clock()
         return [
-            (pixel_id, max(0.0, state.open_until - now), state.failures)
-            for (_, pixel_id), state in list(self._states.items())
+            (state.pixel_id, max(0.0, state.open_until - now), state.failures)
+            for state in list(self._states.values())
             if state.open_until > now or state.probing
         ]
 
     def abandoned(self, key: Key) -> None:
         """A probe ended without an answer to judge by (cancelled): let another probe."""
-        state = self._states.get(key)
+        state = self._states.get(digest(key))
         if state is not None:
             state.probing = False

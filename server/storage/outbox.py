@@ -32,7 +32,7 @@ import orjson
 
 from server.errors import StorageUnavailable
 from server.logs import log
-from server.storage import idempotency, minutes
+from server.storage import breakers, idempotency, minutes
 from server.storage.database import (
     ERRORS,
     ERRORS_OR_TIMEOUT,
@@ -194,7 +194,7 @@ def insert(db: Connection, rows: Sequence[Row]) -> list[int]:
     if is_postgres(db):
         # One statement whatever the count: the columns as arrays (PostgreSQL's unnest). Seqs
         # are drawn as the rows are inserted, in order, so sorted they match `rows`.
-        # Binary parameters (%b): about 3× psycopg's text form here (bench/pg_drivers.py).
+        # Binary parameters (%b): about 3 times psycopg's text form here (bench/pg_drivers.py).
         columns = list(zip(*rows, strict=True)) if rows else [()] * len(_INSERT_TYPES)
         found = db.raw.execute(_PG_INSERT, [list(column) for column in columns]).fetchall()
         return sorted(int(row[0]) for row in found)
@@ -637,6 +637,7 @@ class Outbox:
                 database.read_now(create_schema)
                 database.read_now(idempotency.create_schema)
                 database.read_now(minutes.create_schema)
+                database.read_now(breakers.create_schema)
             self.pending = database.read_now(pending_count)
         except BaseException:
             database.close()

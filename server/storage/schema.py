@@ -12,7 +12,15 @@ import contextlib
 
 from server.config import StorageSettings
 from server.errors import ConfigError
-from server.storage import credentials, idempotency, minutes, outbox, postgres, schema_pg
+from server.storage import (
+    breakers,
+    credentials,
+    idempotency,
+    minutes,
+    outbox,
+    postgres,
+    schema_pg,
+)
 from server.storage.database import ERRORS, first_line
 from server.storage.writer import connect
 
@@ -34,6 +42,7 @@ def upgrade_schema(storage: StorageSettings) -> tuple[int, int]:
             outbox.create_schema(db)
             idempotency.create_schema(db)
             minutes.create_schema(db)
+            breakers.create_schema(db)
         return before, credentials.SCHEMA_VERSION
     except ERRORS as exc:
         raise ConfigError(f"storage {storage.where}: {first_line(exc)}") from None

@@ -121,6 +121,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (minute, project_id, pixel_id, code)
         )""",
     ),
+    # 2: throttling backoff shared by the instances (storage/breakers.py).
+    (
+        """CREATE TABLE breakers (
+            key        text PRIMARY KEY,
+            pixel_id   text NOT NULL,
+            open_until float8 NOT NULL,
+            failures   integer NOT NULL
+        )""",
+    ),
 )
 VERSION = len(MIGRATIONS)
 

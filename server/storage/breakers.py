@@ -1,0 +1,49 @@
+"""The `breakers` table: throttling backoff every instance on the database shares
+(delivery/shared_backoff.py). A row is a breaker some instance opened: the SHA-256 of its
+(access token, pixel) key, never the token, and until when it is open."""
+
+from __future__ import annotations
+
+from server.delivery.throttle import Change
+from server.storage.database import Connection
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS breakers (
+    key        TEXT PRIMARY KEY,  -- SHA-256 (hex) of the access token and the pixel id
+    pixel_id   TEXT NOT NULL,
+    open_until REAL NOT NULL,
+    failures   INTEGER NOT NULL
+)""",
+)
+# What is left of a closed interval this long after it ended goes (it is ignored before).
+KEEP_SECONDS = 3600.0
+
+
+def create_schema(db: Connection) -> None:
+    for statement in SCHEMA:
+        db.execute(statement)
+
+
+def share(db: Connection, changes: list[Change]) -> None:
+    """Opened breakers (kept while they open longest), and closed ones (deleted)."""
+    opened = [c for c in changes if c[2] > 0]
+    closed = [(c[0],) for c in changes if c[2] == 0]
+    db.executemany(
+        "INSERT INTO breakers (key, pixel_id, open_until, failures) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET open_until = excluded.open_until, "
+        "failures = excluded.failures WHERE breakers.open_until < excluded.open_until",
+        opened,
+    )
+    db.executemany("DELETE FROM breakers WHERE key = ?", closed)
+
+
+def open_now(db: Connection, now: float) -> list[Change]:
+    """Breakers open at `now` (a handful: one per throttled pixel and token)."""
+    rows = db.execute(
+        "SELECT key, pixel_id, open_until, failures FROM breakers WHERE open_until > ?", (now,)
+    ).fetchall()
+    return [(key, pixel, float(until), int(failures)) for key, pixel, until, failures in rows]
+
+
+def prune(db: Connection, *, before: float) -> int:
+    return int(db.execute("DELETE FROM breakers WHERE open_until < ?", (before,)).rowcount)

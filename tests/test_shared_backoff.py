@@ -1,0 +1,69 @@
+"""Throttling backoff shared through the database: what one instance's breaker opens, another
+instance holds too (delivery/shared_backoff.py), on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from server.delivery.shared_backoff import SharedBackoff
+from server.delivery.throttle import THROTTLED_SECONDS, Breakers
+from server.storage import breakers as table
+from server.storage.database import open_database
+from server.storage.outbox import Outbox
+from server.storage.schema import upgrade_schema
+from tests.support import make_config
+
+KEY = ("EAAB-token", "123456789012345")
+OTHER = ("EAAB-token", "999")
+
+
+def test_a_breaker_one_instance_opens_holds_the_others_until_its_end(
+    backend, tmp_path: Path, rsa_key
+):
+    now = [1_800_000_000.0]
+    config = make_config(tmp_path, rsa_key, database_url=backend)
+    upgrade_schema(config.storage)
+
+    def instance() -> tuple[Breakers, Outbox, SharedBackoff]:
+        breakers = Breakers(clock=lambda: now[0], rand=lambda: 0.0)
+        queue = Outbox(
+            open_database(config.storage.database_path, config.storage.url), clock=lambda: now[0]
+        )
+        return breakers, queue, SharedBackoff(breakers, queue, clock=lambda: now[0])
+
+    async def scenario() -> None:
+        (a, queue_a, share_a), (b, queue_b, share_b) = instance(), instance()
+        try:
+            a.failed(KEY, throttled=True)  # Meta throttled instance A
+            assert not a.allow(KEY) and b.allow(KEY)
+            await share_a.share()
+            await share_b.share()
+            assert not b.allow(KEY), "B holds the pixel A found throttled"
+            assert b.allow(OTHER), "another pixel is not held"
+            assert b.open_until(KEY) == now[0] + THROTTLED_SECONDS
+            stored = await queue_b.read(lambda db: table.open_now(db, now[0]))
+            assert [(pixel, failures) for _, pixel, _, failures in stored] == [(KEY[1], 1)]
+            assert all("EAAB" not in key for key, *_ in stored)  # a digest, never the token
+
+            now[0] += THROTTLED_SECONDS + 1  # the interval ends: each may probe once
+            assert b.allow(KEY) and not b.allow(KEY)
+            b.succeeded(KEY)  # B's probe went through: the shared row goes
+            await share_b.share()
+            assert await queue_a.read(lambda db: table.open_now(db, now[0] - 60)) == []
+        finally:
+            queue_a.close()
+            queue_b.close()
+
+    asyncio.run(scenario())
+
+
+def test_changes_wait_while_the_database_is_down_and_are_shared_after(tmp_path: Path):
+    breakers = Breakers(clock=lambda: 1_800_000_000.0, rand=lambda: 0.0)
+    breakers.failed(KEY, throttled=True)
+    changes = breakers.taken_changes()
+    assert len(changes) == 1 and breakers.taken_changes() == []
+    breakers.requeue(changes)  # the write failed
+    assert breakers.taken_changes() == changes
+    breakers.requeue(changes * 2000)
+    assert len(breakers.taken_changes()) == 1000  # bounded: the newest are kept
