@@ -165,6 +165,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--workers",
         type=_worker_count,
         default=1,
+        metavar="N",
         help=f"processes sharing the port, 1 to {MAX_WORKERS} (default 1: one process); "
         "see the README on SQLite's limits",
     )

@@ -44,14 +44,14 @@ so each shows the sum of all: prometheus-client's multiprocess mode
 directory and names it in `PROMETHEUS_MULTIPROC_DIR` before the workers start (the client
 chooses file-backed values at import); each worker writes its counters and histograms there
 (share_between_workers) and answers a scrape with `MultiProcessCollector`'s sums, which keep
-the counts of workers that died, as counters must. The in-flight gauge is `livesum`: the
-live workers' sum (the supervisor marks a dead worker's file dead). The queue gauges are not
-per process at all: whichever process is scraped reads them from the shared database, so
-they are never summed. The dropped-lines count lives in each process's log buffer: every
-worker adds what it dropped to a counter of the files every PUBLISH_SECONDS and at each
-scrape. With `[metrics] port`, the supervisor serves the port (WorkerTotals), since N workers
-cannot all listen on it; the workers serve nothing there. One worker (the default) is the
-single process described above, with no file and no lock on a counter.
+the counts of workers that died, as counters must. The in-flight gauge is `livesum`: the live
+workers' sum (the supervisor calls mark_process_dead for a worker that died). The queue
+gauges are not per process at all: whichever process is scraped reads them from the shared
+database, so they are never summed. The dropped-lines count lives in each process's log
+buffer: every worker adds what it dropped to a counter of the files every PUBLISH_SECONDS and
+at each scrape. With `[metrics] port`, the supervisor serves the port (WorkerTotals), since N
+workers cannot all listen on it; the workers serve nothing there. One worker (the default) is
+the single process described above, with no file and no lock on a counter.
 """
 
 from __future__ import annotations
