@@ -66,7 +66,7 @@ from tools.catalog import load_catalog, load_openapi, served_openapi
 SANDBOX_BASE_URL = "http://sandbox.funnelgate.invalid"
 
 
-def create_app(
+def create_app(  # noqa: PLR0915 - the composition root wires everything
     config: Config,
     *,
     graph_transport: GraphTransport | None = None,

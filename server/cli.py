@@ -65,16 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"funnelgate {VERSION}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="serve the tool endpoint")
-    serve.add_argument(
-        "--config",
-        type=Path,
-        help="TOML config (default: $FUNNELGATE_CONFIG, "
-        "else a dev setup in ./.funnelgate with the sandbox Graph)",
-    )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.set_defaults(handler=_serve)
+    _serve_parser(commands)
 
     init = commands.add_parser(
         "init", help="create a project key pair, a secret key and a starter config"
@@ -184,6 +175,27 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser("serve", help="serve the tool endpoint")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config (default: $FUNNELGATE_CONFIG, "
+        "else a dev setup in ./.funnelgate with the sandbox Graph)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help=f"processes sharing the port, 1 to {MAX_WORKERS} (default 1: one process); "
+        "see the README on SQLite's limits",
+    )
+    serve.set_defaults(handler=_serve)
+
+
 def _events_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     events = commands.add_parser(
         "events", help="accepted events: list them, count them, replay failed ones"
@@ -252,12 +264,12 @@ def _serve(args: argparse.Namespace) -> int:
     open_credentials(config.storage).close()  # a missing or wrong key stops start-up here
 
     from server import logs  # noqa: PLC0415 - only a valid config needs the app
-    from server.app import create_app  # noqa: PLC0415
 
     base = f"http://{args.host}:{args.port}"
     print(summary(config, base, dev=dev), file=sys.stderr, flush=True)
     logs.configure()
-    signal.signal(signal.SIGTERM, logs.flush_then_reraise)  # uvicorn re-raises it at the end
+    if args.workers == 1:  # else uvicorn's supervisor handles the signals
+        signal.signal(signal.SIGTERM, logs.flush_then_reraise)  # uvicorn re-raises it at the end
     if dev:
         project_id = next(iter(config.projects))
         print(
@@ -267,10 +279,33 @@ def _serve(args: argparse.Namespace) -> int:
             f"{_dev_console(config, base)}",
             flush=True,
         )
+    if args.workers > 1:
+        from server import workers  # noqa: PLC0415
+
+        path = Path(args.config or os.environ["FUNNELGATE_CONFIG"]).resolve()
+        return workers.serve(
+            config, path, host=args.host, port=args.port, count=args.workers,
+            options=uvicorn_options(config),
+        )  # fmt: skip
+    from server.app import create_app  # noqa: PLC0415
+
     server = FrozenAfterStartup(uvicorn_config(create_app(config), config, args.host, args.port))
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down already
         server.run()
     return 0 if server.started else 3  # 3: uvicorn's start-up failure code
+
+
+MAX_WORKERS = 64
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"a whole number from 1 to {MAX_WORKERS}, not {text!r}")
+    return count
 
 
 def summary(config: Config, base: str, *, dev: bool) -> str:
@@ -293,22 +328,24 @@ def summary(config: Config, base: str, *, dev: bool) -> str:
 
 
 def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, **uvicorn_options(config))
+
+
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    """uvicorn's settings for `config`, one process or several."""
     proxies = list(config.server.trusted_proxies)
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        access_log=False,  # funnelgate logs one JSON line per request itself
-        log_config=None,
-        server_header=False,
+    return {
+        "access_log": False,  # funnelgate logs one JSON line per request itself
+        "log_config": None,
+        "server_header": False,
         # Forwarded headers are believed only from the configured proxies; with none, the
         # rewrite is skipped entirely.
-        proxy_headers=bool(proxies),
-        forwarded_allow_ips=proxies,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies,
         # Whole seconds, half the budget: the other half lets the dispatcher finish its sends
         # (server/app.py's lifespan).
-        timeout_graceful_shutdown=max(1, math.floor(config.server.shutdown_seconds / 2)),
-    )
+        "timeout_graceful_shutdown": max(1, math.floor(config.server.shutdown_seconds / 2)),
+    }
 
 
 class FrozenAfterStartup(uvicorn.Server):

@@ -38,16 +38,26 @@ lookup for the children of its label set (`.labels()` runs once per set, then is
 increment and one observation; a project call adds a gauge increment and decrement. The queue
 gauges are read when scraped, off the event loop, on a database connection of their own.
 
-One process today. Several worker processes (not built yet) will need prometheus-client's
-multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`, not used here): counters and histograms in files
-each worker writes, summed by `MultiProcessCollector`; the in-flight gauge is already declared
-`livesum` for it. The queue gauges come from the shared database and would stay as they are;
-the dropped-lines count is per process and would need to become a counter of its own.
+With `serve --workers N` (N > 1), N processes answer, and a scrape reaches any one of them,
+so each shows the sum of all: prometheus-client's multiprocess mode
+(https://prometheus.github.io/client_python/multiprocess/). The supervisor makes a private
+directory and names it in `PROMETHEUS_MULTIPROC_DIR` before the workers start (the client
+chooses file-backed values at import); each worker writes its counters and histograms there
+(share_between_workers) and answers a scrape with `MultiProcessCollector`'s sums, which keep
+the counts of workers that died, as counters must. The in-flight gauge is `livesum`: the live
+workers' sum (the supervisor calls mark_process_dead for a worker that died). The queue
+gauges are not per process at all: whichever process is scraped reads them from the shared
+database, so they are never summed. The dropped-lines count lives in each process's log
+buffer: every worker adds what it dropped to a counter of the files every PUBLISH_SECONDS and
+at each scrape. With `[metrics] port`, the supervisor serves the port (WorkerTotals), since N
+workers cannot all listen on it; the workers serve nothing there. One worker (the default) is
+the single process described above, with no file and no lock on a counter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import sqlite3
@@ -55,6 +65,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import uvicorn
 from prometheus_client import (
@@ -66,6 +77,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -94,6 +106,23 @@ GRAPH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 7.5, 10, 30)
 # The metrics port: how many scrapes may be answered at once (uvicorn says 503 past it).
 PORT_CONCURRENCY = 4
 PORT_START_SECONDS = 5.0
+PUBLISH_SECONDS = 5.0  # how often a worker adds its dropped log lines to the shared counter
+DROPPED_HELP = "Log lines dropped because stderr was read too slowly (or failed)."
+
+# The directory of the workers' files, in a worker of `serve --workers N` (N > 1); None in a
+# single process. Process-wide, as the client's own choice of file-backed values is.
+_shared_dir: str | None = None
+
+
+def share_between_workers(directory: str) -> None:
+    """This process is one of several workers: its metrics from now on are written to
+    `directory` (the client's PROMETHEUS_MULTIPROC_DIR) and scraped summed over all."""
+    global _shared_dir  # noqa: PLW0603 - one process, one choice
+    _shared_dir = directory
+
+
+class Exposing(Protocol):
+    def exposition(self, accept: str | None) -> tuple[bytes, str]: ...
 
 
 class Metrics(Listener):
@@ -159,8 +188,18 @@ class Metrics(Listener):
             buckets=GRAPH_BUCKETS,
             registry=registry,
         )
-        self._scraped = _Scraped(clock)
+        self.shared = _shared_dir
+        self._scraped = _Scraped(clock, dropped=self.shared is None)
         registry.register(self._scraped)
+        self._exposed = registry
+        if self.shared is not None:
+            # Summed from every worker's files; the queue read here, from the database.
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, path=self.shared)  # type: ignore[no-untyped-call]
+            self._exposed.register(self._scraped)
+            self._dropped = Counter("funnelgate_log_lines_dropped", DROPPED_HELP, registry=registry)
+            self._dropped_published = 0
+            self._publishing = threading.Lock()
         self._tools = frozenset(tools)
         self._codes = frozenset(codes)
         self._projects = frozenset(projects)
@@ -257,19 +296,56 @@ class Metrics(Listener):
     def unwatch(self) -> None:
         self._scraped.close()
 
+    def publish_dropped(self) -> None:
+        """A worker's log lines dropped since it last said, added to the shared counter."""
+        if self.shared is None:
+            return
+        with self._publishing:
+            dropped = logs.dropped_lines()
+            if dropped > self._dropped_published:
+                self._dropped.inc(dropped - self._dropped_published)
+                self._dropped_published = dropped
+
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The text the scrape gets, in the format its `Accept` asks for (Prometheus' text
-        format, or OpenMetrics), and its content type. Reads the database: not on the loop."""
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        format, or OpenMetrics), and its content type. Reads the database (and, in a worker,
+        the workers' files): not on the loop."""
+        self.publish_dropped()
+        return _encoded(self._exposed, accept)
+
+
+def _encoded(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+class WorkerTotals:
+    """What the supervisor of several workers serves on `[metrics] port`: the workers' files
+    summed, and the queue read from the database."""
+
+    def __init__(self, directory: str, clock: Callable[[], float] = time.time) -> None:
+        self._scraped = _Scraped(clock, dropped=False)
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
+        self.registry.register(self._scraped)
+
+    def watch(self, database: Database) -> None:
+        self._scraped.open(database)
+
+    def unwatch(self) -> None:
+        self._scraped.close()
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        return _encoded(self.registry, accept)
 
 
 class _Scraped(Collector):
     """The values read at scrape time: the queue from the outbox's partial indexes (never a
     table scan; outbox.gauges), and the log lines dropped so far."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], *, dropped: bool) -> None:
         self._clock = clock
+        self._dropped = dropped  # this process's count (else it is in the workers' files)
         self._lock = threading.Lock()  # one scrape at a time on the connection
         self._db: sqlite3.Connection | None = None
         self._read: Callable[[Callable[[Connection], Gauges]], Gauges] | None = None
@@ -290,11 +366,10 @@ class _Scraped(Collector):
                 self._db = None
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "funnelgate_log_lines_dropped_total",
-            "Log lines dropped because stderr was read too slowly (or failed).",
-            value=logs.dropped_lines(),
-        )
+        if self._dropped:
+            yield CounterMetricFamily(
+                "funnelgate_log_lines_dropped_total", DROPPED_HELP, value=logs.dropped_lines()
+            )
         with self._lock:
             if self._read is None:
                 return
@@ -330,26 +405,41 @@ async def serving_metrics(
     counts: Metrics | None, settings: MetricsSettings, database: Database
 ) -> AsyncIterator[None]:
     """While the app runs (its lifespan): the queue gauges read from `database`, and the
-    metrics port when `settings` names one."""
+    metrics port when `settings` names one (a worker's supervisor serves it instead); in a
+    worker, its dropped log lines published now and then."""
     if counts is None:
         yield
         return
     counts.watch(database)
     port = None
+    publisher = None
     try:
-        if settings.port is not None:
+        if settings.port is not None and counts.shared is None:
             port = MetricsPort(counts, host=settings.host, port=settings.port, path=settings.path)
             await port.start()
+        if counts.shared is not None:
+            publisher = asyncio.create_task(_publish_dropped(counts))
         yield
     finally:
+        if publisher is not None:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+            counts.publish_dropped()
         if port is not None:
             await asyncio.to_thread(port.stop)
         counts.unwatch()
 
 
+async def _publish_dropped(counts: Metrics) -> None:
+    while True:
+        await asyncio.sleep(PUBLISH_SECONDS)
+        counts.publish_dropped()
+
+
 async def metrics(request: Request) -> Response:
     """GET /metrics (or `[metrics] path`); the function's name is the route's label."""
-    counts: Metrics = request.app.state.metrics
+    counts: Exposing = request.app.state.metrics
     body, content_type = await asyncio.to_thread(counts.exposition, request.headers.get("accept"))
     return Response(body, headers={"Content-Type": content_type})
 
@@ -362,7 +452,7 @@ class MetricsPort:
     bound here first, so a port in use stops start-up with the reason.
     """
 
-    def __init__(self, counts: Metrics, *, host: str, port: int, path: str) -> None:
+    def __init__(self, counts: Exposing, *, host: str, port: int, path: str) -> None:
         app = Starlette(routes=[Route(path, metrics, methods=["GET"])])
         app.state.metrics = counts
         self._address = (host, port)

@@ -687,19 +687,64 @@ def test_an_event_is_shown_with_digests_and_present_only():
     }  # fmt: skip
 
 
-def test_sessions_expire_and_stay_bounded():
+def test_sessions_are_signed_expire_and_end_at_logout_for_every_worker(tmp_path):
     now = [NOW]
     clock: Callable[[], float] = lambda: now[0]  # noqa: E731
-    sessions = auth.Sessions(3600, clock)
-    session_id, session = sessions.create("digest")
-    assert sessions.get(session_id, "digest") is session
-    assert sessions.get(session_id, "another-digest") is None  # a new token ends it
-    session_id, session = sessions.create("digest")
-    now[0] += 3600
-    assert sessions.get(session_id, "digest") is None
-    for _ in range(auth.MAX_SESSIONS + 5):
-        sessions.create("digest")
-    assert len(sessions) == auth.MAX_SESSIONS
+    digest, other = auth.token_digest("one"), auth.token_digest("two")
+    revoked = tmp_path / auth.REVOKED_FILE
+
+    def worker() -> auth.Sessions:  # what each process (or host) builds: nothing shared
+        return auth.Sessions(3600, clock, auth.Revocations(revoked, clock))
+
+    first, second = worker(), worker()
+    cookie, session = first.create(digest)
+    assert second.get(cookie, digest) == session  # made by one, opened by another
+    assert second.get(cookie, other) is None  # a new token ends it
+    session_id, expiry, mac = cookie.split(".")
+    flipped = mac[:-2] + ("A" if mac[-2] != "A" else "B") + mac[-1]
+    for forged in (
+        f"{session_id}.{expiry}.{flipped}",
+        f"{session_id}.{int(expiry) + 3600}.{mac}",  # a longer life
+        f"x{session_id}.{expiry}.{mac}",
+        f"{session_id}.{expiry}",
+        "",
+        cookie + "." * 200,
+    ):
+        assert first.get(forged, digest) is None, forged
+    assert session.csrf not in cookie and len(session.csrf) == 43  # derived, not sent
+    assert first.create(digest)[1].csrf != session.csrf
+    now[0] += 3599
+    assert first.get(cookie, digest) is not None
+    now[0] += 1
+    assert first.get(cookie, digest) is None  # expired
+    now[0] = NOW
+    kept, _ = first.create(digest)
+    first.end(session)  # logged out on one worker: the other refuses the cookie at once
+    assert second.get(cookie, digest) is None
+    assert second.get(kept, digest) is not None
+    assert stat.S_IMODE(revoked.stat().st_mode) == 0o600
+    assert session.id not in revoked.read_text()  # its SHA-256 only
+    now[0] += 7200  # expired revocations go with the next write
+    second.end(second.create(digest)[1])
+    assert len(revoked.read_text().splitlines()) == 1
+
+
+def test_a_login_holds_on_another_server_configured_alike(queued_config, tmp_path):
+    """Several workers or hosts with one token: a session made on one opens pages on the
+    other, and logging out on one ends it on the other (the workers of a host share the
+    revocations beside the database)."""
+    apps = [create_app(queued_config, graph_transport=FakeGraph().transport()) for _ in "ab"]
+    with TestClient(apps[0]) as first, TestClient(apps[1]) as second:
+        assert login(first).status_code == 303
+        cookie = first.cookies[auth.COOKIE]
+        second.cookies.set(auth.COOKIE, cookie, path="/console")
+        page = second.get("/console", follow_redirects=False)
+        assert page.status_code == 200
+        assert csrf_of(page.text) == csrf_of(first.get("/console").text)  # one session
+        out = second.post("/console/logout", data={"csrf": csrf_of(page.text)},
+                          follow_redirects=False)  # fmt: skip
+        assert out.status_code == 303
+        assert first.get("/console", follow_redirects=False).status_code == 303
 
 
 def test_the_log_holds_no_console_secret(console, graph, sign, log_capture: LogCapture):

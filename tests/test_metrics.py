@@ -494,3 +494,69 @@ def test_not_ready_while_writes_fail_and_ready_again_once_they_commit(config, si
         while http.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, "never ready again"
             time.sleep(0.1)
+
+
+# --- several workers (serve --workers N) ---------------------------------------------------
+
+
+def test_workers_files_are_summed_by_any_scrape_and_the_supervisors(tmp_path, monkeypatch):
+    """Two workers in one test process: the client's file-backed values, each worker named by
+    its own pid. Counters and histograms add up, the in-flight gauge counts live workers only,
+    the dropped log lines of each are published, and the queue is read once, not summed."""
+    from prometheus_client import values
+    from prometheus_client.multiprocess import mark_process_dead
+
+    from server import metrics as metrics_module
+    from server.storage.database import SqliteDatabase
+    from server.storage.outbox import Outbox
+
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    Outbox(tmp_path / "funnelgate.db", clock=time.time).close()  # an empty outbox for the gauges
+    database = SqliteDatabase(tmp_path / "funnelgate.db")
+    monkeypatch.setattr(metrics_module, "_shared_dir", str(directory))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))  # where the values go
+    dropped = [0]
+    monkeypatch.setattr(logs, "dropped_lines", lambda: dropped[0])
+
+    def worker(pid: int) -> metrics_module.Metrics:
+        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue(lambda: pid))  # type: ignore[no-untyped-call]
+        made = metrics_module.Metrics(tools=[TOOL], codes=[], projects=[PROJECT])
+        made.watch(database)
+        return made
+
+    first, second = worker(101), worker(102)
+    try:
+        first.call(None, TOOL, 200, None, 0.01)
+        second.call(None, TOOL, 200, None, 0.02)
+        second.call(None, TOOL, 200, None, 0.03)
+        first.in_flight.inc()
+        second.in_flight.inc(2)
+        dropped[0] = 5
+        first.publish_dropped()  # 5 from the first worker
+        dropped[0] = 8
+        second.publish_dropped()  # 8 from the second (each worker counts its own)
+        totals = metrics_module.WorkerTotals(str(directory))
+        totals.watch(database)
+        try:
+            # (The second worker's scrape; the first's would publish the fake count again.)
+            for exposing in (second, totals):
+                found = samples(exposing.exposition(None)[0].decode())
+                labels = {"route": "unmatched", "tool": TOOL, "status": "200", "code": ""}
+                assert value(found, "funnelgate_calls_total", **labels) == 3
+                assert value(found, "funnelgate_call_duration_seconds_count",
+                             route="unmatched") == 3  # fmt: skip
+                assert value(found, "funnelgate_calls_in_flight") == 3
+                assert value(found, "funnelgate_log_lines_dropped_total") == 13
+                assert value(found, "funnelgate_queue_events", status="queued") == 0
+                assert len(series(found, "funnelgate_queue_events")) == 2  # once, not per worker
+            mark_process_dead(102, str(directory))  # type: ignore[no-untyped-call]
+            found = samples(totals.exposition(None)[0].decode())
+            assert value(found, "funnelgate_calls_in_flight") == 1  # live workers only
+            assert value(found, "funnelgate_calls_total", **labels) == 3  # counts stay
+        finally:
+            totals.unwatch()
+    finally:
+        first.unwatch()
+        second.unwatch()
+        database.close()

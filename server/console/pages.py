@@ -22,6 +22,7 @@ Numbers come from the per-minute counters (storage/minutes.py), rows from the ou
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,11 +48,13 @@ from server.console.auth import (
     COOKIE,
     PATH,
     LoginThrottle,
+    Revocations,
     Session,
     Sessions,
     TokenSource,
     client_of,
     csrf_matches,
+    revoked_path,
     same_origin,
     token_path,
 )
@@ -138,7 +141,11 @@ class Console:
         self.clock = clock
         self.state = state
         self.tokens = TokenSource(config.console, token_path(config.storage))
-        self.sessions = Sessions(config.console.session_hours * 3600, clock)
+        self.sessions = Sessions(
+            config.console.session_hours * 3600,
+            clock,
+            Revocations(revoked_path(config.storage), clock),
+        )
         self.throttle = LoginThrottle()
         self.read = queries.Reader(lambda: state.outbox.database)
         self.templates = Jinja2Templates(env=_environment())
@@ -297,17 +304,22 @@ class Console:
                 request, target, status=401, message="That is not the console's token."
             )
         self.throttle.succeeded(client)
-        session_id, _ = self.sessions.create(token)
+        cookie, _ = self.sessions.create(token)
         log("console_login", outcome="ok")
         response = _secured(RedirectResponse(target, 303))
         response.set_cookie(
-            COOKIE, session_id, max_age=int(self.sessions.lifetime), path=PATH,
+            COOKIE, cookie, max_age=int(self.sessions.lifetime), path=PATH,
             secure=request.url.scheme == "https", httponly=True, samesite="strict",
         )  # fmt: skip
         return response
 
     async def logout(self, request: Request, session: Session, values: Values) -> Response:
-        self.sessions.end(request.cookies.get(COOKIE))
+        try:
+            await asyncio.to_thread(self.sessions.end, session)  # a file write: off the loop
+        except OSError as exc:  # the cookie is still cleared; a copy of it lives to its expiry
+            log(
+                "console_logout_unrecorded", logging.ERROR, error=exc.strerror or type(exc).__name__
+            )
         response = RedirectResponse(f"{PATH}/login", 303)
         response.delete_cookie(
             COOKIE, path=PATH, secure=request.url.scheme == "https", httponly=True,
