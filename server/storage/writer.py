@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import queue
 import sqlite3
 import threading
@@ -42,6 +44,11 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
 class Writer:
     def __init__(self, path: Path) -> None:
         self._db = connect(path)
+        # Writers of several processes (serve --workers N) take turns through this lock: SQLite
+        # has no queue for its write lock, and a writer that finds it taken sleeps and retries,
+        # so two busy processes would wait on each other's polls (p99 of seconds, README).
+        self._turn = os.open(path.with_name(path.name + "-writer.lock"), os.O_RDWR | os.O_CREAT,
+                             0o600)  # fmt: skip
         self._queue: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
         # The last transaction failed as a whole (the disk, or the lock held too long); the next
         # that commits clears it. Read by the readiness probe, at no cost to writes.
@@ -71,6 +78,7 @@ class Writer:
             self._queue.put(_STOP)
             self._thread.join()
         self._db.close()
+        os.close(self._turn)
 
     def _loop(self) -> None:
         while True:
@@ -94,6 +102,7 @@ class Writer:
 
     def _commit(self, batch: list[Waiting]) -> None:
         outcomes: list[Outcome] = []
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
         try:
             self._db.execute("BEGIN IMMEDIATE")
             for job, _, future in batch:
@@ -113,6 +122,8 @@ class Writer:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             outcomes = [(future, None, exc) for _, _, future in batch]
+        finally:
+            fcntl.flock(self._turn, fcntl.LOCK_UN)
         settle(batch, outcomes)
 
 
