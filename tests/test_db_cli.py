@@ -13,7 +13,7 @@ from server.storage import schema_pg
 from server.storage.credentials import SCHEMA_VERSION
 from tests.support import public_pem
 from tests.test_cli import clean_env, funnelgate
-from tests.test_cli import project_dir as project_dir
+from tests.test_cli import project_dir  # noqa: F401 - the fixture
 
 
 def test_db_upgrade_brings_a_new_sqlite_file_up_and_then_finds_it_done(project_dir: Path):
