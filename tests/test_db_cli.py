@@ -11,9 +11,20 @@ import pytest
 from server.config import load_config
 from server.storage import schema_pg
 from server.storage.credentials import SCHEMA_VERSION
+from server.storage.crypto import add_secret_key
 from tests.support import public_pem
 from tests.test_cli import clean_env, funnelgate
-from tests.test_cli import project_dir  # noqa: F401 - the fixture
+
+
+@pytest.fixture
+def project_dir(tmp_path: Path, rsa_key) -> Path:
+    (tmp_path / "project.pub.pem").write_text(public_pem(rsa_key))
+    add_secret_key(tmp_path / "secret.key")
+    (tmp_path / "funnelgate.toml").write_text(
+        '[storage]\nsecret_key_file = "secret.key"\n'
+        '[[projects]]\nid = "p1"\njwt_public_key_file = "project.pub.pem"\n'
+    )
+    return tmp_path
 
 
 def test_db_upgrade_brings_a_new_sqlite_file_up_and_then_finds_it_done(project_dir: Path):
