@@ -11,7 +11,7 @@ the event loop and the worker threads) and the server's (every PostgreSQL proces
 
     .venv/bin/pip install -r bench/requirements.txt
     .venv/bin/python bench/pg_drivers.py [--rounds N] [--quick] [--loop uvloop|asyncio]
-        [--json FILE]
+        [--synchronous-commit on|off] [--json FILE]
 """
 
 from __future__ import annotations
@@ -888,6 +888,12 @@ def main() -> int:
     parser.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="uvicorn's default"
     )
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=("on", "off"),
+        default="on",
+        help="off: commits do not wait for the WAL's fsync, leaving the clients' own costs",
+    )
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     plan = (
@@ -914,6 +920,16 @@ def main() -> int:
             host = conninfo.split("host=", 1)[1]
             pid = server.get_pid()
             assert pid is not None
+            with psycopg.connect(conninfo, autocommit=True) as db:
+                # https://www.postgresql.org/docs/16/runtime-config-wal.html#GUC-SYNCHRONOUS-COMMIT
+                db.execute(f"ALTER SYSTEM SET synchronous_commit = {args.synchronous_commit}")
+                db.execute("SELECT pg_reload_conf()")
+            for _ in range(100):  # the postmaster rereads its configuration on its own time
+                with psycopg.connect(conninfo) as db:
+                    now = db.execute("SHOW synchronous_commit").fetchone()
+                if now == (args.synchronous_commit,):
+                    break
+                time.sleep(0.02)
             with psycopg.connect(conninfo) as db:
                 settings = {
                     name: str(db.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
