@@ -7,7 +7,7 @@ socket, and is stopped at the end, even on error. Every round runs each client's
 doing a statement once, the order rotating from round to round, so slow drift of the machine
 (other work, the table's growth) falls on all clients alike; the table shows medians over the
 rounds, with the slowest and fastest round. CPU is the benchmark process's (time.process_time:
-the event loop and the worker threads) and the server's (every PostgreSQL process, by psutil).
+the event loop and the worker threads) and the server's (every PostgreSQL process, ServerCpu).
 
     .venv/bin/pip install -r bench/requirements.txt
     .venv/bin/python bench/pg_drivers.py [--rounds N] [--quick] [--loop uvloop|asyncio]
