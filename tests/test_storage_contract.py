@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import orjson
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -849,6 +850,35 @@ def test_many_claimers_together_take_every_row_once(postgres_url, tmp_path, rsa_
         thread.join(30)
     every = [seq for mine in taken for seq in mine]
     assert sorted(every) == seqs  # all of them, none twice
+
+
+def test_a_job_meeting_a_statement_timeout_fails_alone(postgres_url, tmp_path, rsa_key):
+    """A job's own server-side error that leaves the connection alive (a statement timeout, a
+    deadlock with another instance) is that job's failure: the others of its batch commit."""
+    storage = pg_storage(postgres_url, tmp_path, rsa_key)
+
+    def slow(w: Connection) -> None:
+        w.execute("SET LOCAL statement_timeout = 10")
+        w.execute("SELECT pg_sleep(1)")
+
+    async def body(server: Served) -> list[Any]:
+        database = server.queue.database
+        gate = threading.Event()
+        blocker = database.submit(lambda _: gate.wait(5))
+        futures = [
+            database.submit(lambda w: idempotency.save(w, PROJECT, USER, "a", answer("f", NOW))),
+            database.submit(slow),
+            database.submit(lambda w: idempotency.save(w, PROJECT, USER, "b", answer("f", NOW))),
+        ]
+        gate.set()
+        await blocker
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        assert not database.failing
+        return outcomes
+
+    outcomes = served(storage, body)
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], psycopg.errors.QueryCanceled)
 
 
 def test_new_replayed_and_released_events_wake_every_listener(postgres_url, tmp_path, rsa_key):

@@ -188,9 +188,11 @@ class PgWriter:
             for job, _, _ in batch:
                 try:
                     results.append(job(db))
-                except psycopg.OperationalError:
-                    raise
                 except Exception as exc:
+                    if isinstance(exc, psycopg.OperationalError) and db.broken:
+                        raise  # the server or the network: nothing of the batch holds
+                    # The job's own, even an OperationalError on a live connection (its
+                    # statement timeout, a deadlock with another instance): it fails alone.
                     raise _JobFailed from exc
             db.execute("COMMIT")
         except BaseException:
@@ -215,7 +217,8 @@ class PgWriter:
                     db.execute("ROLLBACK")
                 raise
         except psycopg.OperationalError as exc:
-            self._failed(exc)
+            if self._db is None or self._db.broken:  # not the job's: the server's
+                self._failed(exc)
             return future, None, exc
         except Exception as exc:
             return future, None, exc
