@@ -538,6 +538,37 @@ def test_remove_makes_the_most_recently_updated_other_credential_the_default(sto
     assert store.find(PROJECT, USER) is None
 
 
+def test_two_clis_setting_a_new_users_credential_at_once_take_turns(storage, monkeypatch):
+    """Two `credentials set` for a user with none, at once: as if one ran after the other
+    (the first is the default, the same external id is one credential), never a duplicate
+    key error."""
+    with closing(open_credentials(storage)) as a, closing(open_credentials(storage)) as b:
+        slow = threading.Event()
+        real = a._make_default
+
+        def make_default_slowly(project_id: str, user_id: str, credential_id: str) -> None:
+            real(project_id, user_id, credential_id)
+            slow.set()
+            time.sleep(0.3)  # A is about to commit; B starts meanwhile
+
+        monkeypatch.setattr(a, "_make_default", make_default_slowly)
+        first: list[Any] = []
+        call = threading.Thread(
+            target=lambda: first.append(a.set(PROJECT, "user-9", "EAAB-a", external_id="acct"))
+        )
+        call.start()
+        assert slow.wait(5)
+        second, is_new = b.set(PROJECT, "user-9", "EAAB-b", external_id="acct")
+        call.join(5)
+        [(made, made_new)] = first
+        assert (made_new, made.default) == (True, True)
+        assert (second.id, is_new, second.default) == (made.id, False, True)  # the same one
+        assert b.get(PROJECT, "user-9") == "EAAB-b"
+        assert len(b.list(PROJECT, "user-9")) == 1
+        third, _ = b.set(PROJECT, "user-9", "EAAB-c")
+        assert not third.default
+
+
 def test_list_filters_by_project_and_user(store: CredentialStore):
     a, _ = store.set(PROJECT, USER, "EAAB-a")
     b, _ = store.set(PROJECT, "user-2", "EAAB-b")

@@ -80,6 +80,7 @@ _SUFFIXES = ("", "-wal", "-shm", "-journal")
 ROTATE_BATCH = 500  # rows per write transaction: the CLI never holds the write lock for long
 MAX_SELECTOR = 200  # characters of a credential id or `ext:<id>`
 EXTERNAL = "ext:"  # addresses a credential by its external id, as Paragon does
+WRITE_LOCK_ID = schema_pg.LOCK_ID + 1  # PostgreSQL: the store's writers take turns (_transaction)
 _FIELDS = (
     "project_id, credential_id, user_id, external_id, label, is_default, status, status_error, "
     "key_id, sealed_token, created_at, updated_at, last_used_at"
@@ -428,6 +429,12 @@ class CredentialStore:
     def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            if is_postgres(self._db):
+                # SQLite's BEGIN IMMEDIATE makes the store's writers take turns, and `set`
+                # needs that (what it reads decides what it writes: the user's first credential
+                # is the default, an external id names one credential); PostgreSQL's BEGIN
+                # does not, so two CLIs take this lock instead, held until COMMIT.
+                self._db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK_ID,))
             yield
         except BaseException:
             self._db.execute("ROLLBACK")
