@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -711,6 +712,35 @@ def test_minutes_add_up_and_read_back(db):
     assert minutes.prune(db, before=m1, limit=1) == 2  # one row of each table holding m0
     assert minutes.prune(db, before=m1) == 1
     assert minutes.series(db, 0, m2 + 60)[0].minute == m1
+
+
+def test_instances_adding_to_the_same_minutes_at_once_never_deadlock(storage, db):
+    """Every instance flushes its counters (server/tally.py), each in its own order: all of
+    them add up, none is lost to a deadlock between two instances' transactions."""
+    keys = [(1_795_000_020, PROJECT, f"{n:015}", "Purchase") for n in range(20)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def instance(seed: int) -> None:
+        order = random.Random(seed)
+        try:
+            with closing(connect_sync(storage.database_path, storage.url)) as connection:
+                start.wait(5)
+                for _ in range(20):
+                    shuffled = order.sample(keys, len(keys))
+                    connection.execute("BEGIN IMMEDIATE")
+                    minutes.add(connection, {k: counts(1) for k in shuffled}, {}, {})
+                    connection.execute("COMMIT")
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=instance, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert minutes.series(db, 0, 2**40) == [(1_795_000_020, 800, 0, 0, 0)]
 
 
 # --- the group-commit writer --------------------------------------------------------------

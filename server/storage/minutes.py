@@ -103,26 +103,31 @@ def add(
     sources: dict[SourceKey, int],
     failures: dict[FailureKey, int],
 ) -> None:
-    """Adds counts to what the minutes already hold (`events`' lists in EVENT_COLUMNS order)."""
+    """Adds counts to what the minutes already hold (`events`' lists in EVENT_COLUMNS order).
+
+    Rows go in key order: instances adding to the same minutes at once on PostgreSQL then
+    lock them in one order and wait for each other rather than deadlock ("acquire locks on
+    multiple objects in a consistent order",
+    https://www.postgresql.org/docs/current/explicit-locking.html#LOCKING-DEADLOCKS)."""
     columns = ", ".join(EVENT_COLUMNS)
     adding = ", ".join(f"{c} = minute_events.{c} + excluded.{c}" for c in EVENT_COLUMNS)
     db.executemany(
         f"INSERT INTO minute_events (minute, project_id, pixel_id, event_name, {columns}) "  # noqa: S608
         f"VALUES (?, ?, ?, ?, {', '.join('?' * len(EVENT_COLUMNS))}) "
         f"ON CONFLICT (minute, project_id, pixel_id, event_name) DO UPDATE SET {adding}",
-        [(*key, *counts) for key, counts in events.items()],
+        [(*key, *counts) for key, counts in sorted(events.items())],
     )
     db.executemany(
         "INSERT INTO minute_sources VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT "
         "(minute, project_id, pixel_id, event_name, action_source) "
         "DO UPDATE SET accepted = minute_sources.accepted + excluded.accepted",
-        [(*key, count) for key, count in sources.items()],
+        [(*key, count) for key, count in sorted(sources.items())],
     )
     db.executemany(
         "INSERT INTO minute_failures VALUES (?, ?, ?, ?, ?) ON CONFLICT "
         "(minute, project_id, pixel_id, code) "
         "DO UPDATE SET failed = minute_failures.failed + excluded.failed",
-        [(*key, count) for key, count in failures.items()],
+        [(*key, count) for key, count in sorted(failures.items())],
     )
 
 
