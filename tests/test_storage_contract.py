@@ -608,6 +608,33 @@ def test_write_uses_only_moves_forward(store: CredentialStore, db):
     assert abs(used.last_used_at - time.time()) < 60
 
 
+def test_instances_writing_last_uses_at_once_never_deadlock(storage, store):
+    """Each instance writes the last uses it saw (once a minute), in its own order."""
+    ids = [store.set(PROJECT, f"user-{n}", "EAAB-x")[0].id for n in range(20)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def instance(seed: int) -> None:
+        order = random.Random(seed)
+        try:
+            with closing(connect_sync(storage.database_path, storage.url)) as connection:
+                start.wait(5)
+                for at in range(1, 21):
+                    connection.execute("BEGIN IMMEDIATE")
+                    write_uses(connection, [(at, PROJECT, i) for i in order.sample(ids, len(ids))])
+                    connection.execute("COMMIT")
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=instance, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert {c.last_used_at for c in store.list(PROJECT)} == {20}
+
+
 def test_keys_are_verified_and_rotated(storage: StorageSettings):
     first = new_secret_key()
     second = new_secret_key()

@@ -526,11 +526,16 @@ def mark_invalid(
 
 
 def write_uses(db: Connection, uses: Uses) -> None:
-    """`last_used_at` of the credentials `CredentialStore.taken_uses` names."""
+    """`last_used_at` of the credentials `CredentialStore.taken_uses` names. In key order:
+    instances writing theirs at once lock the rows in one order, so they never deadlock on
+    PostgreSQL (storage/minutes.py's `add` says more)."""
     db.executemany(
         "UPDATE credentials SET last_used_at = ? WHERE project_id = ? AND credential_id = ? "
         "AND (last_used_at IS NULL OR last_used_at < ?)",
-        [(at, project_id, credential_id, at) for at, project_id, credential_id in uses],
+        [
+            (at, project_id, credential_id, at)
+            for at, project_id, credential_id in sorted(uses, key=lambda use: use[1:])
+        ],
     )
 
 
