@@ -800,7 +800,9 @@ def test_a_job_that_raises_fails_alone_and_its_batch_commits(storage, db):
         blocker = database.submit(lambda _: gate.wait(5))
         jobs = [saving("a"), saving("b", python_error), saving("c"), saving("d", sql_error),
                 saving("e")]  # fmt: skip
-        futures = [database.submit(job) for job in jobs]
+        futures: list[Awaitable[Any]] = [database.submit(job) for job in jobs]
+        futures.append(asyncio.ensure_future(server.queue.enqueue([new(1), new(2)])))
+        await asyncio.sleep(0)  # the enqueue has handed its rows to the writer
         gate.set()
         await blocker
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
@@ -813,6 +815,8 @@ def test_a_job_that_raises_fails_alone_and_its_batch_commits(storage, db):
     assert isinstance(outcomes[3], Exception) and not isinstance(outcomes[3], ValueError)
     kept = [k for k in "abcde" if idempotency.lookup(db, PROJECT, USER, k, since=0) is not None]
     assert kept == ["a", "c", "e"]
+    assert event_ids(db, outcomes[5]) == ["e1", "e2"]  # the events queued in it, once
+    assert outbox.pending_count(db) == 2
 
 
 # --- the schema ---------------------------------------------------------------------------
