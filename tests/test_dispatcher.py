@@ -1,14 +1,15 @@
-"""The dispatcher on a real outbox file, Graph faked in-process by Meta's rules, on a clock
-the test moves: grouping, bisection, holds, backoff, expiry, leases and shutdown."""
+"""The dispatcher on a real outbox, on each backend (a SQLite file, then PostgreSQL), Graph
+faked in-process by Meta's rules, on a clock the test moves: grouping, bisection, holds,
+backoff, expiry, leases and shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -26,9 +27,11 @@ from server.storage.credentials import (
     open_credentials,
 )
 from server.storage.crypto import SecretKeyError
+from server.storage.database import Connection, connect_sync, open_database
 from server.storage.outbox import NewEvent, Outbox
 from tests.support import NOW, PIXEL, PROJECT, FakeGraph, Step, graph_error, make_config
 
+T = TypeVar("T")
 TOKEN = "EAAB-project-token"
 USER = "user-1"
 
@@ -59,16 +62,21 @@ def new(
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, key: rsa.RSAPrivateKey, graph: FakeGraph) -> None:
+    def __init__(
+        self, tmp_path: Path, key: rsa.RSAPrivateKey, graph: FakeGraph, database_url: str | None
+    ) -> None:
         self.clock = Clock()
         self.graph = graph
-        self.config: Config = make_config(tmp_path, key, facebook_access_token=TOKEN)
+        self.config: Config = make_config(
+            tmp_path, key, facebook_access_token=TOKEN, database_url=database_url
+        )
         self.path = self.config.storage.database_path
 
     def run(self, body: Callable[[Outbox, Dispatcher], Awaitable[Any]]) -> Any:
         async def go() -> Any:
             open_credentials(self.config.storage).close()  # the schema, as the server makes it
-            queue = Outbox(self.path, clock=self.clock)
+            database = open_database(self.path, self.config.storage.url)
+            queue = Outbox(database, clock=self.clock)
             credentials = Credentials(queue.database, keyring_of(self.config.storage))
             client = GraphClient(
                 self.config.graph, self.graph.transport(), breakers=Breakers(clock=self.clock)
@@ -84,10 +92,17 @@ class Harness:
 
         return asyncio.run(go())
 
+    def read(self, job: Callable[[Connection], T]) -> T:
+        """`job` on a connection of its own, as the CLI reads."""
+        with closing(connect_sync(self.path, self.config.storage.url)) as db:
+            return job(db)
+
 
 @pytest.fixture
-def harness(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph: FakeGraph) -> Harness:
-    return Harness(tmp_path, rsa_key, graph)
+def harness(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, graph: FakeGraph, backend: str | None
+) -> Harness:
+    return Harness(tmp_path, rsa_key, graph, backend)
 
 
 async def until(
@@ -102,8 +117,11 @@ async def until(
         await asyncio.sleep(0.01)
 
 
-def rows(queue: Outbox) -> dict[str, outbox.EventStatus]:
-    return {r.event_id: r for r in queue.read_now(lambda db: outbox.list_events(db, limit=10_000))}
+def rows(queue: Outbox | Harness) -> dict[str, outbox.EventStatus]:
+    listed = (queue.read_now if isinstance(queue, Outbox) else queue.read)(
+        lambda db: outbox.list_events(db, limit=10_000)
+    )
+    return {r.event_id: r for r in listed}
 
 
 def test_events_go_in_requests_of_up_to_1000_per_pixel_and_test_code(harness):
@@ -137,9 +155,7 @@ def test_one_bad_event_in_1000_is_isolated_by_bisection(harness):
     assert harness.run(body) | {} == {"queued": 0, "held": 0, "delivered": 999, "failed": 1}
     requests = len(harness.graph.received)
     assert requests <= 2 * 10 + 1  # two halves per level, log2(1000) < 10 levels
-    queue = Outbox(harness.path, clock=harness.clock)
-    failed = rows(queue)["e617"]
-    queue.close()
+    failed = rows(harness)["e617"]
     assert failed.status == "failed"
     error = orjson.loads(failed.error or b"{}")
     assert error["code"] == "UPSTREAM_REJECTED"
@@ -209,9 +225,7 @@ def test_events_past_metas_age_limit_fail_without_a_request(harness):
 
     assert harness.run(body)["failed"] == 1
     assert harness.graph.received == []
-    queue = Outbox(harness.path, clock=harness.clock)
-    error = orjson.loads(rows(queue)["e1"].error or b"{}")
-    queue.close()
+    error = orjson.loads(rows(harness)["e1"].error or b"{}")
     assert error["code"] == "EVENT_EXPIRED"
 
 
@@ -319,9 +333,7 @@ def test_events_of_a_removed_credential_fail_and_others_go_on(harness):
 
     harness.run(body)
     assert [b["access_token"] for b in harness.graph.bodies()] == [TOKEN]  # the project's
-    with sqlite3.connect(harness.path) as db:
-        error = db.execute("SELECT error FROM outbox WHERE event_id = 'e1'").fetchone()[0]
-    assert orjson.loads(error) == {
+    assert orjson.loads(rows(harness)["e1"].error or b"{}") == {
         "code": "INTEGRATION_NOT_ENABLED",
         "message": "The credential was removed.",
     }
