@@ -1,17 +1,17 @@
 """Idempotency-Key (server/idempotency.py): replay, 422, 409, derived event ids, what is kept
-and for how long, scoping, and a restart; on a real SQLite file through the real Outbox and
-its group-commit writer, with the real tool mapping making the call's events."""
+and for how long, scoping, and a restart; on each backend (a SQLite file, then PostgreSQL)
+through the real Outbox and its group-commit writer, with the real tool mapping making the
+call's events."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx2
 import orjson
@@ -36,9 +36,19 @@ from server.idempotency import (
     parse_key,
 )
 from server.responses import json_response
+from server.storage import schema_pg
+from server.storage.database import Connection, connect_sync, open_database
 from server.storage.idempotency import KEY_TTL_SECONDS, prune
 from server.storage.outbox import Outbox
-from tests.support import NOW, PROJECT, FakeGraph, Step, funnel_parameters, graph_error
+from tests.support import (
+    NOW,
+    PROJECT,
+    FakeGraph,
+    Step,
+    funnel_parameters,
+    graph_error,
+    make_config,
+)
 from tools.base import BuildContext, Violation
 from tools.catalog import load_catalog, load_openapi
 
@@ -93,14 +103,32 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "funnelgate.db"
+class Place(NamedTuple):
+    """Where the state is: the SQLite file, or the PostgreSQL database `url` names."""
+
+    path: Path
+    url: str | None
+
+    def connect(self) -> Connection:
+        return connect_sync(self.path, self.url)
 
 
 @pytest.fixture
-def outbox(db_path: Path, clock: Clock) -> Iterator[Outbox]:
-    store = Outbox(db_path, clock=clock)
+def place(tmp_path: Path, backend: str | None) -> Place:
+    return Place(tmp_path / "funnelgate.db", backend)
+
+
+def open_outbox(place: Place, clock: Clock) -> Outbox:
+    """The server's outbox (PostgreSQL's schema first, as start-up makes it)."""
+    if place.url is not None:
+        with closing(place.connect()) as db:
+            schema_pg.upgrade(db)
+    return Outbox(open_database(place.path, place.url), clock=clock)
+
+
+@pytest.fixture
+def outbox(place: Place, clock: Clock) -> Iterator[Outbox]:
+    store = open_outbox(place, clock)
     yield store
     store.close()
 
@@ -137,8 +165,8 @@ def refused(
     return caught.value
 
 
-def rows(db_path: Path) -> int:
-    with closing(sqlite3.connect(db_path)) as db:
+def rows(place: Place) -> int:
+    with closing(place.connect()) as db:
         return int(db.execute("SELECT count(*) FROM idempotency").fetchone()[0])
 
 
@@ -268,22 +296,22 @@ def test_the_nth_id_of_a_call_is_derived_from_n():
     ],
 )
 def test_a_5xx_is_not_kept_so_the_retry_runs_again(
-    idem: Idempotency, db_path: Path, error: FunnelgateError
+    idem: Idempotency, place: Place, error: FunnelgateError
 ):
     tool = RunTool(error=error)
     for _ in range(2):
         with pytest.raises(UpstreamUnavailable):
             handle(idem, tool)
     assert len(tool.runs) == 2
-    assert rows(db_path) == 0
+    assert rows(place) == 0
 
 
-def test_a_5xx_answer_returned_is_not_kept_either(idem: Idempotency, db_path: Path):
+def test_a_5xx_answer_returned_is_not_kept_either(idem: Idempotency, place: Place):
     tool = RunTool(status=503)
     assert handle(idem, tool).status_code == 503
     assert handle(idem, tool).status_code == 503
     assert len(tool.runs) == 2
-    assert rows(db_path) == 0
+    assert rows(place) == 0
 
 
 def test_metas_refusal_is_kept_and_replayed_as_the_same_error(idem: Idempotency):
@@ -304,29 +332,29 @@ def test_metas_refusal_is_kept_and_replayed_as_the_same_error(idem: Idempotency)
 
 
 def test_funnelgates_own_refusal_is_not_kept_so_a_corrected_call_may_use_the_key(
-    idem: Idempotency, db_path: Path
+    idem: Idempotency, place: Place
 ):
     """Nothing was sent: a corrected retry, or one after `credentials set`, just runs."""
     tool = RunTool(error=InvalidParameters([Violation("parameters.eventName", "is required")]))
     with pytest.raises(InvalidParameters):
         handle(idem, tool)
-    assert rows(db_path) == 0
+    assert rows(place) == 0
     tool.error = None
     assert handle(idem, tool, funnel_parameters(eventId=None, value=1)).status_code == 202
 
 
-def test_an_answer_over_1_mib_is_answered_but_not_kept(idem: Idempotency, db_path: Path):
+def test_an_answer_over_1_mib_is_answered_but_not_kept(idem: Idempotency, place: Place):
     tool = RunTool(status=200)
     tool.body_bytes = MAX_STORED_BODY_BYTES
     assert len(handle(idem, tool).body) > MAX_STORED_BODY_BYTES
-    assert rows(db_path) == 0
+    assert rows(place) == 0
     tool.body_bytes = MAX_STORED_BODY_BYTES - 1000
     handle(idem, tool)
-    assert rows(db_path) == 1
+    assert rows(place) == 1
 
 
 def test_kept_24_hours_then_expired_and_pruned(
-    idem: Idempotency, outbox: Outbox, clock: Clock, db_path: Path
+    idem: Idempotency, outbox: Outbox, clock: Clock, place: Place
 ):
     tool = RunTool()
     handle(idem, tool)
@@ -339,11 +367,11 @@ def test_kept_24_hours_then_expired_and_pruned(
     other = funnel_parameters(eventId=None, value=7)
     assert "Idempotent-Replayed" not in handle(idem, tool, other).headers
     assert len(tool.runs) == 2 and tool.runs[0] != tool.runs[1]
-    assert rows(db_path) == 1  # the expired row was replaced
+    assert rows(place) == 1  # the expired row was replaced
 
     clock.now += KEY_TTL_SECONDS + 1
     assert asyncio.run(outbox.write(lambda db: prune(db, before=clock.now - KEY_TTL_SECONDS))) == 1
-    assert rows(db_path) == 0
+    assert rows(place) == 0
 
 
 # --- the key --------------------------------------------------------------------------------
@@ -422,15 +450,15 @@ def test_another_users_or_projects_same_key_is_another_key(idem: Idempotency):
     assert isinstance(refused(idem, tool, other), IdempotencyKeyReused)
 
 
-def test_a_new_process_on_the_same_file_replays_the_stored_answer(db_path: Path, clock: Clock):
+def test_a_new_process_on_the_same_database_replays_the_stored_answer(place: Place, clock: Clock):
     tool = RunTool()
-    first_store = Outbox(db_path, clock=clock)
+    first_store = open_outbox(place, clock)
     try:
         first = handle(Idempotency(first_store, clock=clock), tool)
     finally:
         first_store.close()
 
-    restarted = Outbox(db_path, clock=clock)
+    restarted = open_outbox(place, clock)
     try:
         idem = Idempotency(restarted, clock=clock)
         after = RunTool()
@@ -446,9 +474,9 @@ def test_a_new_process_on_the_same_file_replays_the_stored_answer(db_path: Path,
     assert replay.headers["Idempotent-Replayed"] == "true"
 
 
-def test_the_key_is_stored_only_as_its_hash(idem: Idempotency, db_path: Path):
+def test_the_key_is_stored_only_as_its_hash(idem: Idempotency, place: Place):
     handle(idem, RunTool(), key="joe@example.com")
-    with closing(sqlite3.connect(db_path)) as db:
+    with closing(place.connect()) as db:
         [(stored_key,)] = db.execute("SELECT key FROM idempotency").fetchall()
     assert "joe" not in stored_key and len(stored_key) == 64
 
@@ -512,9 +540,11 @@ def test_http_a_retry_after_a_5xx_sends_the_same_event_id(client: TestClient, gr
 
 
 def test_http_queued_202_is_replayed_with_its_headers_and_one_event(
-    make_client, sign, tmp_path: Path
+    make_client, sign, tmp_path: Path, rsa_key, backend
 ):
-    client = make_client(delivery_mode="queued")
+    config = make_config(tmp_path, rsa_key, delivery_mode="queued", database_url=backend,
+                         facebook_access_token="EAAB-project-token")  # fmt: skip
+    client = make_client(config)
     headers = {"Prefer": "respond-async"}
     first = post(client, sign, headers=headers)
     again = post(client, sign, headers=headers)
@@ -523,7 +553,7 @@ def test_http_queued_202_is_replayed_with_its_headers_and_one_event(
     for name in ("location", "preference-applied"):
         assert again.headers[name] == first.headers[name]
     assert again.headers["idempotent-replayed"] == "true"
-    with closing(sqlite3.connect(tmp_path / "funnelgate.db")) as db:
+    with closing(Place(config.storage.database_path, backend).connect()) as db:
         [(events,)] = db.execute("SELECT count(*) FROM outbox").fetchall()
     assert events == 1
 
@@ -552,9 +582,13 @@ def test_http_409_while_the_first_call_waits_for_meta(client: TestClient, graph,
     assert len(graph.received) == 1
 
 
-def test_http_the_answer_survives_a_restart(make_client, graph: FakeGraph, sign):
-    first = post(make_client(), sign)
-    replay = post(make_client(), sign)  # a new app on the same database file
+def test_http_the_answer_holds_across_restarts_and_instances(
+    make_client, graph: FakeGraph, sign, tmp_path: Path, rsa_key, backend
+):
+    config = make_config(tmp_path, rsa_key, database_url=backend,
+                         facebook_access_token="EAAB-project-token")  # fmt: skip
+    first = post(make_client(config), sign)
+    replay = post(make_client(config), sign)  # a new app (or another instance) on the same state
     assert (replay.status_code, replay.content) == (first.status_code, first.content)
     assert replay.headers["idempotent-replayed"] == "true"
     assert len(graph.received) == 1
