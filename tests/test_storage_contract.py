@@ -1016,3 +1016,21 @@ def test_empty_calls_change_nothing(storage, db):
     minutes.add(db, {}, {}, {})
     write_uses(db, [])
     assert outbox.stats(db)["by_status"] == dict.fromkeys(outbox.STATUSES, 0)
+
+
+def test_a_listening_database_closes_at_once(postgres_url, tmp_path, rsa_key):
+    """A server's shutdown does not wait on the listener's wait for notices."""
+    storage = pg_storage(postgres_url, tmp_path, rsa_key)
+    upgrade_schema(storage)
+
+    async def body() -> float:
+        database = open_database(storage.database_path, storage.url)
+        woken = asyncio.Event()
+        database.listen(woken.set)
+        await asyncio.wait_for(woken.wait(), 5)  # listening
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        database.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(body()) < 0.5

@@ -40,6 +40,9 @@ STATEMENT_TIMEOUT_MS = 30_000
 READERS = 4  # pooled read connections per process
 RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits between attempts; the last repeats
 OUTBOX_CHANNEL = "funnelgate_outbox"  # NOTIFY: events became due (storage/schema_pg.py)
+# How often the listener looks up from its wait for notices: how soon it sees close() (a
+# cancel does not end psycopg's notifies() wait, which only returns at its timeout).
+LISTEN_POLL_SECONDS = 0.1
 _PLACEHOLDER = re.compile(r"\?(\d*)")
 
 
@@ -278,29 +281,24 @@ class Listener:
         self._wake = wake
         self._loop = asyncio.get_running_loop()
         self._stopping = threading.Event()
-        self._raw: psycopg.Connection[Any] | None = None
         self._thread = threading.Thread(target=self._run, name="funnelgate-listen", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        """Within LISTEN_POLL_SECONDS (a server that does not answer: its connect timeout)."""
         self._stopping.set()
-        raw = self._raw
-        if raw is not None:
-            with contextlib.suppress(Exception):
-                raw.cancel_safe(timeout=1)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=CONNECT_TIMEOUT_SECONDS)
 
     def _run(self) -> None:
         attempt = 0
         while not self._stopping.is_set():
             try:
                 with psycopg.connect(self._url, **_options()) as raw:
-                    self._raw = raw
                     raw.execute(f"LISTEN {OUTBOX_CHANNEL}")
                     attempt = 0
                     self._notify()
                     while not self._stopping.is_set():
-                        for _ in raw.notifies(timeout=1.0, stop_after=1):
+                        for _ in raw.notifies(timeout=LISTEN_POLL_SECONDS, stop_after=1):
                             self._notify()
             except psycopg.Error as exc:
                 if self._stopping.is_set():
@@ -308,8 +306,6 @@ class Listener:
                 log("storage_listen_failed", logging.WARNING, error=type(exc).__name__)
                 self._stopping.wait(_backoff(attempt))
                 attempt += 1
-            finally:
-                self._raw = None
 
     def _notify(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody to wake
