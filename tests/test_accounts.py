@@ -31,7 +31,7 @@ from server.app import create_app
 from server.permissions import CLAIM
 from server.storage import outbox
 from server.storage.credentials import CredentialStore, open_credentials
-from server.storage.writer import connect
+from server.storage.database import connect_sync
 from tests.live import serving
 from tests.support import (
     NOW,
@@ -143,9 +143,15 @@ def no_secret_in(texts: list[str]) -> None:
 
 
 @pytest.fixture
-def accounts(make_client, graph, sign, log_capture) -> Iterator[Accounts]:
-    client: TestClient = make_client()
-    config = client.app.state.config  # type: ignore[attr-defined]
+def accounts(
+    backend, make_client, graph, sign, log_capture, tmp_path, rsa_key
+) -> Iterator[Accounts]:
+    """On each backend: the CLI's credentials reach the app through the database. (`backend`
+    comes first: its database is set up before the app and dropped after it stops.)"""
+    config = make_config(
+        tmp_path, rsa_key, facebook_access_token=PROJECT_TOKEN, database_url=backend
+    )
+    client: TestClient = make_client(config)
     with closing(open_credentials(config.storage)) as store:  # as the CLI does
         connect_users(store)
         accounts = Accounts(client, graph, store, sign)
@@ -377,7 +383,8 @@ def test_a_queued_event_keeps_its_credential_and_waits_while_it_is_refused(accou
     assert accounts.sent_with() == [TOKENS[A]]
 
     accounts.store.set(PROJECT, "user-1", RENEWED, credential_id=A)  # what the CLI does
-    with closing(connect(accounts.client.app.state.config.storage.database_path)) as db:
+    storage = accounts.client.app.state.config.storage
+    with closing(connect_sync(storage.database_path, storage.url)) as db:
         assert outbox.release_held(db, now=NOW, project_id=PROJECT, credential_id=A) == 1
     delivered = accounts.status(location, until=lambda body: body["status"] == "delivered")
     assert delivered["status"] == "delivered"

@@ -540,8 +540,8 @@ def test_http_a_retry_after_a_5xx_sends_the_same_event_id(client: TestClient, gr
 
 
 def test_http_queued_202_is_replayed_with_its_headers_and_one_event(
-    make_client, sign, tmp_path: Path, rsa_key, backend
-):
+    backend, make_client, sign, tmp_path: Path, rsa_key
+):  # `backend` first: its database is dropped after the app stops
     config = make_config(tmp_path, rsa_key, delivery_mode="queued", database_url=backend,
                          facebook_access_token="EAAB-project-token")  # fmt: skip
     client = make_client(config)
@@ -583,8 +583,8 @@ def test_http_409_while_the_first_call_waits_for_meta(client: TestClient, graph,
 
 
 def test_http_the_answer_holds_across_restarts_and_instances(
-    make_client, graph: FakeGraph, sign, tmp_path: Path, rsa_key, backend
-):
+    backend, make_client, graph: FakeGraph, sign, tmp_path: Path, rsa_key
+):  # `backend` first: its database is dropped after the apps stop
     config = make_config(tmp_path, rsa_key, database_url=backend,
                          facebook_access_token="EAAB-project-token")  # fmt: skip
     first = post(make_client(config), sign)
