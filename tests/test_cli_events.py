@@ -1,5 +1,6 @@
-"""`funnelgate events list|replay|stats` and the held events of `credentials set|remove`, on a
-real SQLite file whose outbox rows are written with the outbox's own statements."""
+"""`funnelgate events list|replay|stats` and the held events of `credentials set|remove`, on
+each backend (a SQLite file, then PostgreSQL) whose outbox rows are written with the outbox's
+own statements."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from server.durations import human_age
 from server.storage import outbox
 from server.storage.credentials import Credential, mark_invalid, open_credentials
 from server.storage.crypto import add_secret_key
+from server.storage.database import Connection, connect_sync
+from server.storage.schema import upgrade_schema
 from server.storage.writer import connect
 from tests.support import public_pem
 
@@ -42,14 +45,18 @@ REJECTED = {
 REFUSED = {"code": "CREDENTIAL_REFUSED", "message": "Meta refused the access token."}
 
 
+SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
 @pytest.fixture
-def config_path(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> Path:
+def config_path(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, backend: str | None) -> Path:
     """p1 has no project-wide token (a user's own credential or nothing); p2 has one."""
     (tmp_path / "project.pub.pem").write_text(public_pem(rsa_key))
     add_secret_key(tmp_path / "secret.key")
     path = tmp_path / "funnelgate.toml"
+    url = "" if backend is None else f"url = {json.dumps(backend)}\n"
     path.write_text(
-        '[storage]\nsecret_key_file = "secret.key"\n'
+        f'[storage]\nsecret_key_file = "secret.key"\n{url}'
         '[[projects]]\nid = "p1"\njwt_public_key_file = "project.pub.pem"\n'
         '[[projects]]\nid = "p2"\njwt_public_key_file = "project.pub.pem"\n'
         'facebook_access_token = "EAAB-project-token"\n'
@@ -60,10 +67,11 @@ def config_path(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> Path:
 
 
 @pytest.fixture
-def db(config_path: Path) -> Iterator[sqlite3.Connection]:
-    path = load_config(config_path, {}).storage.database_path
-    with closing(connect(path)) as connection:
-        outbox.create_schema(connection)
+def db(config_path: Path) -> Iterator[Connection]:
+    """A connection of its own to the server's database (the schema is in place)."""
+    storage = load_config(config_path, {}).storage
+    upgrade_schema(storage)
+    with closing(connect_sync(storage.database_path, storage.url)) as connection:
         yield connection
 
 
@@ -74,7 +82,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def add(
-    db: sqlite3.Connection,
+    db: Connection,
     count: int = 1,
     *,
     project: str = "p1",
@@ -107,18 +115,18 @@ def add(
     return seqs
 
 
-def rows(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
-    return db.execute("SELECT * FROM outbox ORDER BY seq").fetchall()
+def rows(db: Connection) -> list[tuple[Any, ...]]:
+    return list(db.execute("SELECT * FROM outbox ORDER BY seq").fetchall())
 
 
-def row(db: sqlite3.Connection, seq: int) -> dict[str, Any]:
+def row(db: Connection, seq: int) -> dict[str, Any]:
     cursor = db.execute("SELECT * FROM outbox WHERE seq = ?", (seq,))
     names = [d[0] for d in cursor.description]
     return dict(zip(names, cursor.fetchone(), strict=True))
 
 
 @pytest.fixture
-def mixed(db: sqlite3.Connection) -> dict[str, int]:
+def mixed(db: Connection) -> dict[str, int]:
     """One event in each state, in two projects and on two pixels."""
     queued = add(db, prefix="evt-queued")[0]
     delivered = add(db, prefix="evt-delivered", pixel=PIXEL_B)[0]
@@ -329,6 +337,7 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return ran
 
 
+@SQLITE_ONLY  # the statements are traced on SQLite's connection
 def test_replay_all_failed_commits_in_batches_of_at_most_1000(
     capsys, config_path: Path, db, statements
 ):
@@ -356,6 +365,7 @@ def test_replay_all_failed_commits_in_batches_of_at_most_1000(
     assert counts == {"queued": 2500, "delivered": 10, "failed": 1}  # p2's was not asked for
 
 
+@SQLITE_ONLY
 def test_replay_by_many_ids_commits_in_batches(capsys, config_path: Path, db, statements):
     failed = add(db, 1500, prefix="many")
     outbox.mark_failed(db, failed, now=time.time(), error=REJECTED)
@@ -397,14 +407,14 @@ def stored(
         return store.set(project, user, token, **options)[0]
 
 
-def held(db: sqlite3.Connection, count: int = 1, **options: Any) -> list[int]:
+def held(db: Connection, count: int = 1, **options: Any) -> list[int]:
     """`count` events Meta refused the credential of (options: add's)."""
     seqs = add(db, count, **options)
     outbox.mark_held(db, seqs, now=time.time() - 60, error=REFUSED)
     return seqs
 
 
-def statuses(db: sqlite3.Connection, seqs: list[int]) -> list[str]:
+def statuses(db: Connection, seqs: list[int]) -> list[str]:
     return [row(db, seq)["status"] for seq in seqs]
 
 
@@ -604,6 +614,7 @@ def test_bad_options_and_empty_results_are_one_line_and_fail(
     assert line.startswith("funnelgate: ") and message in line
 
 
+@SQLITE_ONLY  # a file that is not there
 def test_a_config_that_is_not_the_servers_is_one_line(capsys, tmp_path: Path, config_path: Path):
     config = config_path.read_text().replace("[storage]\n", '[storage]\nurl = "sqlite:///x.db"\n')
     (tmp_path / "other.toml").write_text(config)
@@ -616,15 +627,10 @@ def test_a_config_that_is_not_the_servers_is_one_line(capsys, tmp_path: Path, co
     assert not (tmp_path / "x.db").exists()
 
 
+@SQLITE_ONLY  # SQLite's write lock
 def test_a_locked_database_is_one_line(capsys, config_path: Path, db, monkeypatch):
     outbox.mark_failed(db, add(db), now=time.time(), error=REJECTED)
-
-    def impatient(path: Path, url: str | None) -> sqlite3.Connection:
-        connection = connect(path)
-        connection.execute("PRAGMA busy_timeout=50")
-        return connection
-
-    monkeypatch.setattr(cli, "connect_sync", impatient)
+    monkeypatch.setattr(cli, "CLI_BUSY_TIMEOUT_MS", 50)  # the CLI's wait for the lock
     db.execute("BEGIN IMMEDIATE")  # the server's writer, mid-commit, for longer than the wait
     try:
         code, out, err = run(
