@@ -1,5 +1,5 @@
-"""Queued delivery over HTTP: the 202, `Prefer`, the status route, the sync fallback, and what
-the outbox keeps on disk (README, Delivery)."""
+"""Queued delivery over HTTP: the 202, `Prefer`, the status route (queued, retried, delivered:
+on each backend), the sync fallback, and what the outbox keeps on disk (README, Delivery)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from tests.support import PIXEL, PROJECT, PROJECT_TOKEN, Step, funnel_parameters, graph_error
+from tests.support import (
+    PIXEL,
+    PROJECT,
+    PROJECT_TOKEN,
+    MakeClient,
+    Step,
+    funnel_parameters,
+    graph_error,
+    make_config,
+)
 
 URL = f"/projects/{PROJECT}/tools"
 TOOL = "FACEBOOK_ADS_SEND_FUNNEL_EVENT"
@@ -33,8 +42,18 @@ def status_of(client: TestClient, sign: Any, location: str, *, until: str = "",
         time.sleep(0.02)
 
 
-def test_queued_mode_answers_202_once_on_disk_then_delivers(make_client, graph, sign):
-    client = make_client(delivery_settings={"mode": "queued"})
+@pytest.fixture
+def queued_client(
+    backend: str | None, make_client: MakeClient, tmp_path: Any, rsa_key: Any
+) -> TestClient:
+    """The app in queued mode on each backend (`backend` first: its database outlives the app)."""
+    config = make_config(tmp_path, rsa_key, delivery_settings={"mode": "queued"},
+                         database_url=backend, facebook_access_token=PROJECT_TOKEN)  # fmt: skip
+    return make_client(config)
+
+
+def test_queued_mode_answers_202_once_on_disk_then_delivers(queued_client, graph, sign):
+    client = queued_client
     response = post(client, sign, funnel_parameters())
     assert response.status_code == 202
     body = response.json()
@@ -104,8 +123,8 @@ def test_metas_verdicts_on_the_event_are_still_answered_in_sync_mode(client, gra
     assert (response.status_code, response.json()["code"]) == (400, "UPSTREAM_REJECTED")
 
 
-def test_the_status_of_a_retrying_event_carries_metas_error(make_client, graph, sign):
-    client = make_client(delivery_settings={"mode": "queued"})
+def test_the_status_of_a_retrying_event_carries_metas_error(queued_client, graph, sign):
+    client = queued_client
     graph.script.extend([graph_error(500, 2, is_transient=True)] * 5)
     response = post(client, sign, funnel_parameters())
     deadline = time.monotonic() + 5
@@ -119,8 +138,8 @@ def test_the_status_of_a_retrying_event_carries_metas_error(make_client, graph, 
     assert "next_attempt_at" in status
 
 
-def test_a_user_sees_only_its_own_events(make_client, graph, sign):
-    client = make_client(delivery_settings={"mode": "queued"})
+def test_a_user_sees_only_its_own_events(queued_client, graph, sign):
+    client = queued_client
     location = post(client, sign, funnel_parameters()).headers["location"]
     assert status_of(client, sign, location).status_code == 200
     other = status_of(client, sign, location, user="someone-else")
