@@ -438,6 +438,7 @@ def test_stats_gauges_and_pending_counts(db):
 def test_the_servers_reads_see_the_clis_writes_at_once(storage, db):
     async def body(server: Served) -> None:
         queue = server.queue
+        assert await queue.answers(timeout=2)  # the readiness probe's check
         assert await queue.read(outbox.pending_count) == 0
         seqs = add(db, new(1), new(2))
         assert await queue.read(outbox.pending_count) == 2
