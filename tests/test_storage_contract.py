@@ -841,6 +841,42 @@ def test_a_fresh_database_is_upgraded_from_nothing(storage: StorageSettings):
     assert before == 0 and after > 0
 
 
+def test_instances_starting_at_once_on_a_fresh_database_all_upgrade_it(storage):
+    start = threading.Barrier(4)
+    results: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def instance() -> None:
+        try:
+            start.wait(5)
+            results.append(upgrade_schema(storage))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=instance) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert len(results) == 4 and len({after for _, after in results}) == 1
+    version = results[0][1]
+    assert upgrade_schema(storage) == (version, version)
+
+
+def test_a_database_a_newer_funnelgate_upgraded_is_refused(storage):
+    _, version = upgrade_schema(storage)
+    with closing(connect_sync(storage.database_path, storage.url)) as db:
+        if storage.url is None:
+            db.execute(f"PRAGMA user_version = {version + 1}")
+        else:
+            db.execute("UPDATE funnelgate_schema SET version = ?", (version + 1,))
+    with pytest.raises(ConfigError, match="newer funnelgate"):
+        upgrade_schema(storage)
+    with pytest.raises(ConfigError, match="newer funnelgate"):
+        open_credentials(storage)
+
+
 # --- reads while the database is gone -----------------------------------------------------
 
 
