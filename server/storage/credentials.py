@@ -50,6 +50,7 @@ from server.storage.database import (
     is_postgres,
 )
 from server.storage.outbox import tie_to_credentials
+from server.storage.writer import BUSY_TIMEOUT_MS, into_wal
 
 SCHEMA_VERSION = 2
 _SCHEMA = """
@@ -77,7 +78,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS credentials_external ON credentials
     (project_id, user_id, external_id) WHERE external_id IS NOT NULL;
 """
 _SUFFIXES = ("", "-wal", "-shm", "-journal")
-BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 ROTATE_BATCH = 500  # rows per write transaction: the CLI never holds the write lock for long
 MAX_SELECTOR = 200  # characters of a credential id or `ext:<id>`
 EXTERNAL = "ext:"  # addresses a credential by its external id, as Paragon does
@@ -166,28 +166,12 @@ def _open_file(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        _into_wal(db)
+        into_wal(db)
         db.execute("PRAGMA secure_delete=ON")
     except BaseException:
         db.close()
         raise
     return db
-
-
-def _into_wal(db: sqlite3.Connection) -> None:
-    """WAL mode (the file's own once set). Processes starting at once on a new file all set
-    it, and SQLite may answer one "database is locked" at once rather than wait, where waiting
-    could deadlock (https://www.sqlite.org/c3ref/busy_handler.html): it tries again, for as
-    long as the busy timeout."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
 
 
 def find(db: Connection, project_id: str, user_id: str, selector: str | None) -> Credential | None:

@@ -17,6 +17,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ T = TypeVar("T")
 Job = Callable[[Any], Any]  # a function of a connection, either backend's
 Waiting = tuple[Job, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 # Jobs per transaction: bounds how long one commit keeps the others waiting.
 MAX_JOBS_PER_COMMIT = 512
 # Rows one pruning statement deletes at most: a clean-up never holds the writer for long.
@@ -35,10 +37,30 @@ _STOP = None
 def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
     """A connection to the database file in WAL mode; autocommit unless a job says BEGIN."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout=5000")
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={synchronous}")
+    try:
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        into_wal(db)
+        db.execute(f"PRAGMA synchronous={synchronous}")
+    except BaseException:
+        db.close()
+        raise
     return db
+
+
+def into_wal(db: sqlite3.Connection) -> None:
+    """WAL mode (the file's own once set). Processes starting at once on a new file all set
+    it, and SQLite may answer one "database is locked" at once rather than wait, where waiting
+    could deadlock (https://www.sqlite.org/c3ref/busy_handler.html): it tries again, for as
+    long as the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class Writer:
