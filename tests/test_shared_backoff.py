@@ -67,3 +67,34 @@ def test_changes_wait_while_the_database_is_down_and_are_shared_after(tmp_path: 
     assert breakers.taken_changes() == changes
     breakers.requeue(changes * 2000)
     assert len(breakers.taken_changes()) == 1000  # bounded: the newest are kept
+
+
+def test_instances_sharing_at_once_never_deadlock(postgres_url: str, tmp_path: Path, rsa_key):
+    """Two instances write the same breakers in opposite orders at once, many times: rows are
+    taken in key order, so one waits for the other (PostgreSQL would otherwise abort one with
+    a deadlock and its changes would wait a second for the next share)."""
+    config = make_config(tmp_path, rsa_key, database_url=postgres_url)
+    upgrade_schema(config.storage)
+    changes = [(f"{i:064x}", "123", 1_900_000_000.0 + i, 1) for i in range(200)]
+
+    async def scenario() -> None:
+        queues = [
+            Outbox(open_database(config.storage.database_path, postgres_url), clock=lambda: 0.0)
+            for _ in range(2)
+        ]
+        try:
+            for round_ in range(10):
+                ordered = [c[:2] + (c[2] + round_, 1) for c in changes]
+                await asyncio.gather(
+                    queues[0].write(lambda db, rows=ordered: table.share(db, rows)),
+                    queues[1].write(lambda db, rows=ordered[::-1]: table.share(db, rows)),
+                )
+            found = await queues[0].read(lambda db: table.open_now(db, 0.0))
+            assert len(found) == 200 and {until for _, _, until, _ in found} == {
+                c[2] + 9 for c in changes
+            }
+        finally:
+            for queue in queues:
+                queue.close()
+
+    asyncio.run(scenario())
