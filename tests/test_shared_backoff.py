@@ -4,6 +4,7 @@ instance holds too (delivery/shared_backoff.py), on both backends."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 from server.delivery.shared_backoff import SharedBackoff
@@ -84,10 +85,10 @@ def test_instances_sharing_at_once_never_deadlock(postgres_url: str, tmp_path: P
         ]
         try:
             for round_ in range(10):
-                ordered = [c[:2] + (c[2] + round_, 1) for c in changes]
+                ordered = [(key, pixel, until + round_, 1) for key, pixel, until, _ in changes]
                 await asyncio.gather(
-                    queues[0].write(lambda db, rows=ordered: table.share(db, rows)),
-                    queues[1].write(lambda db, rows=ordered[::-1]: table.share(db, rows)),
+                    queues[0].write(partial(table.share, changes=ordered)),
+                    queues[1].write(partial(table.share, changes=ordered[::-1])),
                 )
             found = await queues[0].read(lambda db: table.open_now(db, 0.0))
             assert len(found) == 200 and {until for _, _, until, _ in found} == {
