@@ -22,7 +22,6 @@ import logging
 import queue
 import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -38,6 +37,9 @@ CONNECT_TIMEOUT_SECONDS = 5
 # A statement that runs longer is cancelled by the server: nothing holds the writer for ever.
 STATEMENT_TIMEOUT_MS = 30_000
 READERS = 4  # pooled read connections per process
+# How long a read waits for a pooled connection: while the database is down, a call answers
+# 503 after this, rather than after a whole connect timeout.
+READ_WAIT_SECONDS = 2.0
 RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits between attempts; the last repeats
 OUTBOX_CHANNEL = "funnelgate_outbox"  # NOTIFY: events became due (storage/schema_pg.py)
 # How often the listener looks up from its wait for notices: how soon it sees close() (a
@@ -251,7 +253,7 @@ class Readers:
             min_size=1,
             max_size=READERS,
             kwargs=_options(),
-            timeout=CONNECT_TIMEOUT_SECONDS,
+            timeout=READ_WAIT_SECONDS,
             check=ConnectionPool.check_connection,
             open=False,
             name="funnelgate-readers",
@@ -310,18 +312,3 @@ class Listener:
     def _notify(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody to wake
             self._loop.call_soon_threadsafe(self._wake)
-
-
-def wait_for_server(url: str, *, timeout: float) -> None:
-    """Until the server accepts a connection (start-up: a database that restarts with us)."""
-    deadline = time.monotonic() + timeout
-    attempt = 0
-    while True:
-        try:
-            connect(url).close()
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() + _backoff(attempt) > deadline:
-                raise
-            time.sleep(_backoff(attempt))
-            attempt += 1
