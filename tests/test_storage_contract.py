@@ -596,14 +596,19 @@ def test_mark_invalid_with_and_without_the_refused_token(storage, store, db):
     assert store.by_id(PROJECT, credential.id).status == "invalid"
 
 
-def test_write_uses_only_moves_forward(store: CredentialStore, db):
+def test_write_uses_only_moves_forward(storage: StorageSettings, store: CredentialStore, db):
     a, _ = store.set(PROJECT, USER, "EAAB-a")
     b, _ = store.set(PROJECT, USER, "EAAB-b")
     write_uses(db, [(1000, PROJECT, a.id), (2000, PROJECT, b.id)])
     write_uses(db, [(1500, PROJECT, a.id), (1500, PROJECT, b.id), (9, PROJECT, "gone")])
     assert [store.by_id(PROJECT, x.id).last_used_at for x in (a, b)] == [1500, 2000]  # type: ignore[union-attr]
-    store.open(PROJECT, a)
-    write_uses(db, store.taken_uses())
+    database = open_database(storage.database_path, storage.url)
+    try:
+        server = Credentials(database, keyring_of(storage))
+        server.open(PROJECT, a)  # a send with it: the server's view records the use
+        write_uses(db, server.taken_uses())
+    finally:
+        database.close()
     used = store.by_id(PROJECT, a.id)
     assert used is not None and used.last_used_at is not None
     assert abs(used.last_used_at - time.time()) < 60

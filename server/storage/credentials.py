@@ -245,7 +245,6 @@ class CredentialStore:
 
     def __init__(self, db: Connection, keyring: Keyring) -> None:
         self._keyring = keyring
-        self._used: dict[tuple[str, str], int] = {}  # last uses not yet written
         self._db = db
         try:
             if not is_postgres(db):
@@ -264,8 +263,7 @@ class CredentialStore:
         return by_id(self._db, project_id, credential_id)
 
     def open(self, project_id: str, credential: Credential) -> str:
-        """The credential's access token, and a use of it (written by `flush_uses`)."""
-        self._used[(project_id, credential.id)] = int(time.time())
+        """The credential's access token (reading it here is not a use)."""
         context = _context(project_id, credential.user_id)
         return self._keyring.open(credential.key_id, credential.sealed_token, context).decode()
 
@@ -359,11 +357,6 @@ class CredentialStore:
             args,
         ).fetchall()
         return [Credential.of_row(row) for row in rows]
-
-    def taken_uses(self) -> Uses:
-        """The last uses recorded since the previous call, as `write_uses` rows."""
-        used, self._used = self._used, {}
-        return [(at, project_id, credential_id) for (project_id, credential_id), at in used.items()]
 
     def _make_default(self, project_id: str, user_id: str, credential_id: str) -> None:
         self._db.execute(
@@ -527,7 +520,7 @@ def mark_invalid(
 
 
 def write_uses(db: Connection, uses: Uses) -> None:
-    """`last_used_at` of the credentials `CredentialStore.taken_uses` names. In key order:
+    """`last_used_at` of the credentials `Credentials.taken_uses` names. In key order:
     instances writing theirs at once lock the rows in one order, so they never deadlock on
     PostgreSQL (storage/minutes.py's `add` says more)."""
     db.executemany(
