@@ -3,7 +3,7 @@ processes (tests/gates.py) sharing a real PostgreSQL (tests/postgres.py), the fa
 (tests/faultgraph.py) as its own process, httpx as the callers; all on 127.0.0.1 and unix
 sockets, every wait bounded.
 
-The guarantees under test are issue 11's: an instance killed mid-run loses nothing another
+The guarantees under test: an instance killed mid-run loses nothing another
 instance does not deliver; a database that goes away and comes back costs documented 503s with
 Retry-After, never an accepted event, and every instance recovers by itself; a credential set
 from the CLI through one instance's config is used by every instance's next call.
@@ -327,6 +327,10 @@ def fingerprint(access_token: str) -> str:
 def test_a_credential_set_through_one_instance_is_used_by_anothers_next_call(
     postgres_url, gates, graph, token, tmp_path
 ):
+    """Two instances with the same secret key on one database: `credentials set` with the
+    first's config, then a sync call to the second goes out with that token; set again (a new
+    token for the same credential), and the second's next call has the new one. No restart,
+    no cache to wait for."""
     secret = tmp_path / "secret.key"
     add_secret_key(secret)
     settings = {"delivery": {"mode": "sync"},
