@@ -17,6 +17,7 @@ from pathlib import Path
 import e2e
 import map_core
 import memory
+import pg
 import queued
 from benchlib import table, verdict, write_section
 
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         ("memory", lambda: memory.run(minutes=0.5 if args.quick else 5, rate=300)),
         ("queued", lambda: queued.run(quick=args.quick)),
+        ("pg", lambda: pg.run(quick=args.quick)),
     ]
     targets: list[tuple[str, str, bool]] = []
     for name, bench in sections:
