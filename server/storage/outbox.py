@@ -210,13 +210,14 @@ def insert(db: Connection, rows: Sequence[Row]) -> list[int]:
 
 
 def claim(db: Connection, *, now: float, lease_until: float, limit: int) -> list[Claimed]:
-    """Due events, oldest due first, leased until `lease_until`. On PostgreSQL rows another
-    instance is claiming are skipped, not waited for (SKIP LOCKED:
+    """Due events, oldest due first (then in seq order, so a request's rows are mostly one
+    run of seqs), leased until `lease_until`. On PostgreSQL rows another instance is claiming
+    are skipped, not waited for (SKIP LOCKED:
     https://www.postgresql.org/docs/current/sql-select.html#SQL-FOR-UPDATE-SHARE)."""
     locking = " FOR UPDATE SKIP LOCKED" if is_postgres(db) else ""
     rows = db.execute(
         f"UPDATE outbox SET next_at = ? WHERE seq IN (SELECT seq FROM outbox "  # noqa: S608
-        f"WHERE status = 'queued' AND next_at <= ? ORDER BY next_at LIMIT ?{locking}) "
+        f"WHERE status = 'queued' AND next_at <= ? ORDER BY next_at, seq LIMIT ?{locking}) "
         f"RETURNING {_COLUMNS}",
         (lease_until, now, limit),
     ).fetchall()
@@ -225,11 +226,7 @@ def claim(db: Connection, *, now: float, lease_until: float, limit: int) -> list
 
 def renew(db: Connection, seqs: Iterable[int], *, lease_until: float) -> None:
     """Extends the claims on rows still queued (a settled row is left as it is)."""
-    _each(
-        db,
-        "UPDATE outbox SET next_at = ? WHERE seq = ? AND status = 'queued'",
-        [(lease_until, seq) for seq in seqs],
-    )
+    _update(db, "next_at = ?", (lease_until,), seqs, "status = 'queued'")
 
 
 def next_due(db: Connection) -> float | None:
@@ -272,13 +269,40 @@ def gauges(db: Connection) -> Gauges:
 def mark_delivered(
     db: Connection, seqs: Iterable[int], *, now: float, fbtrace_id: str | None
 ) -> int:
-    """Counts only rows that were still pending (a replayed or duplicate send changes none).
-    One statement per run of consecutive seqs: a claim's seqs mostly are."""
+    """Counts only rows that were still pending (a replayed or duplicate send changes none)."""
+    return _update(
+        db,
+        "status = 'delivered', attempts = attempts + 1, updated_at = ?, fbtrace_id = ?, "
+        "error = NULL",
+        (now, fbtrace_id),
+        seqs,
+        "status IN ('queued', 'held')",
+    )
+
+
+def _update(
+    db: Connection, assignments: str, args: tuple[Any, ...], seqs: Iterable[int], where: str
+) -> int:
+    """`UPDATE outbox SET <assignments>` on the rows `seqs` names that meet `where`; how many.
+    On PostgreSQL one statement over an array of seqs, which the planner takes through the
+    primary key whatever the table's statistics say (a statement per seq is planned from
+    statistics, and while they are stale, say a backlog that built during a Meta outage, it
+    scanned a partial index per row); on SQLite one statement per run of consecutive seqs
+    (a claim's seqs mostly are one)."""
+    if is_postgres(db):
+        chosen = sorted(set(seqs))
+        if not chosen:
+            return 0
+        return int(
+            db.execute(
+                f"UPDATE outbox SET {assignments} WHERE seq = ANY(?::bigint[]) AND {where}",  # noqa: S608
+                (*args, chosen),
+            ).rowcount
+        )
     return _each(
         db,
-        "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, updated_at = ?, "
-        "fbtrace_id = ?, error = NULL WHERE seq BETWEEN ? AND ? AND status IN ('queued', 'held')",
-        [(now, fbtrace_id, first, last) for first, last in _runs(seqs)],
+        f"UPDATE outbox SET {assignments} WHERE seq BETWEEN ? AND ? AND {where}",  # noqa: S608
+        [(*args, first, last) for first, last in _runs(seqs)],
     )
 
 
@@ -301,20 +325,22 @@ def mark_failed(
     error: dict[str, Any],
     attempted: bool = True,
 ) -> int:
-    return _each(
+    return _update(
         db,
-        "UPDATE outbox SET status = 'failed', attempts = attempts + ?, updated_at = ?, "
-        "error = ? WHERE seq = ? AND status IN ('queued', 'held')",
-        [(int(attempted), now, orjson.dumps(error), seq) for seq in seqs],
+        "status = 'failed', attempts = attempts + ?, updated_at = ?, error = ?",
+        (int(attempted), now, orjson.dumps(error)),
+        seqs,
+        "status IN ('queued', 'held')",
     )
 
 
 def mark_held(db: Connection, seqs: Iterable[int], *, now: float, error: dict[str, Any]) -> None:
-    _each(
+    _update(
         db,
-        "UPDATE outbox SET status = 'held', attempts = attempts + 1, updated_at = ?, error = ? "
-        "WHERE seq = ? AND status = 'queued'",
-        [(now, orjson.dumps(error), seq) for seq in seqs],
+        "status = 'held', attempts = attempts + 1, updated_at = ?, error = ?",
+        (now, orjson.dumps(error)),
+        seqs,
+        "status = 'queued'",
     )
 
 
@@ -328,6 +354,18 @@ def reschedule(
 ) -> None:
     """(seq, next_at) pairs back to `queued`; `attempted` counts an attempt."""
     error_json = orjson.dumps(error) if error else None
+    if is_postgres(db):  # one statement, through the primary key (see _update)
+        pairs = sorted(due)
+        if pairs:
+            db.execute(
+                "UPDATE outbox SET next_at = due.next_at, attempts = attempts + ?, "
+                "updated_at = ?, error = coalesce(?, error) FROM unnest(?::bigint[], "
+                "?::float8[]) AS due (seq, next_at) WHERE outbox.seq = due.seq "
+                "AND outbox.status = 'queued'",
+                (int(attempted), now, error_json, [p[0] for p in pairs],
+                 [float(p[1]) for p in pairs]),
+            )  # fmt: skip
+        return
     _each(
         db,
         "UPDATE outbox SET next_at = ?, attempts = attempts + ?, updated_at = ?, "

@@ -171,10 +171,23 @@ class PgWriter:
             self._db = connect(self._url)
         return self._db
 
+    def _begun(self) -> PgConnection:
+        """A connection in a new transaction. An idle connection the server ended meanwhile (a
+        restart) is only found dead when used: nothing has run yet, so a new one is tried."""
+        db = self._connection()
+        try:
+            db.execute("BEGIN")
+        except psycopg.OperationalError:
+            if not db.broken:
+                raise
+            db = self._connection()
+            db.execute("BEGIN")
+        return db
+
     def _commit(self, batch: list[Waiting]) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         try:
-            db = self._connection()
+            db = self._begun()
             outcomes = self._together(db, batch)
             self.failing = False
         except _JobFailed:
@@ -187,7 +200,7 @@ class PgWriter:
     def _together(
         self, db: PgConnection, batch: list[Waiting]
     ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        db.execute("BEGIN")
+        """The batch in the transaction `db` has begun, committed."""
         results = []
         try:
             for job, _, _ in batch:
@@ -212,8 +225,7 @@ class PgWriter:
         self, job: Callable[[Any], Any], future: asyncio.Future[Any]
     ) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
         try:
-            db = self._connection()
-            db.execute("BEGIN")
+            db = self._begun()
             try:
                 result = job(db)
                 db.execute("COMMIT")
