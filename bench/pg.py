@@ -244,11 +244,8 @@ def accepted(
                 raise RuntimeError(f"smoke call answered {answer.status_code}: {answer.text}")
         _accept(gates, templates, 1.0, None)  # warm-up
         _settle(graph_url)
-    # A deployment's outbox has planner statistics (autovacuum analyzes a table that grew). A
-    # fresh table has none, and then PostgreSQL plans the updates by seq on a partial index:
-    # the dispatcher's writes run many times slower (measured by leaving this out).
-    for url in (one_url, two_url):
-        _sql(url, "ANALYZE outbox")
+    # No ANALYZE: a fresh table has no planner statistics, as a deployment's outbox has stale
+    # ones after a backlog built during an outage; the dispatcher's statements must not care.
     result: dict[str, list[Accepted]] = {name: [] for name in setups}
     names = list(setups)
     for round_ in range(repeats):
@@ -265,7 +262,7 @@ def accepted(
 
 def _insert_backlog(url: str, events: int, now: float) -> None:
     """`events` queued events of the project, due now, straight into the outbox (the
-    statement the server's inserts use), then planner statistics for the table."""
+    statement the server's inserts use); no ANALYZE (see above)."""
     from server.storage import outbox, postgres
     from tools.hashing import sha256_hex
 
@@ -287,7 +284,6 @@ def _insert_backlog(url: str, events: int, now: float) -> None:
             db.execute("BEGIN")
             outbox.insert(db, outbox.rows_of(batch, now=now, next_at=now))
             db.execute("COMMIT")
-        db.execute("ANALYZE outbox")
     finally:
         db.close()
 
@@ -400,7 +396,7 @@ Command: `.venv/bin/python bench/pg.py{" --quick" if quick else ""}`
 All on 127.0.0.1 and the same {os.cpu_count()} cores. funnelgate: `funnelgate serve` with
 `[delivery] mode = "queued"` (defaults otherwise), delivering to the fast fake Graph
 (`bench/fakegraph.py`) as it accepts. PostgreSQL: {pg_note} ({settings}); a fresh database per
-setup, its outbox analyzed after the warm-up (as autovacuum does once a table has grown).
+setup, never analyzed (the statistics a backlog meets after an outage: stale or none).
 SQLite: the file in WAL mode with `synchronous=FULL`. Load: {load_tool};
 `FACEBOOK_ADS_SEND_EVENTS` calls of 1,000 events, {BATCH_CONNECTIONS} connections in all (two
 instances: {BATCH_CONNECTIONS // 2} each), {seconds:g} s per run, {repeats} run(s) per setup,
@@ -420,7 +416,7 @@ throughput ratio says little), {cpus[SETUPS[2]] / max(1.0, cpus[SETUPS[1]]):.2f}
 event summed over both processes.
 
 **Backlog drain.** {one["events"]:,} queued events written straight into a fresh database's
-outbox (the server's own insert statement, then `ANALYZE`), then one or two instances started
+outbox (the server's own insert statement; no `ANALYZE`), then one or two instances started
 at once: the time from their start until the first event reached the Graph (start-up: the
 dispatchers at work), from there until the outbox held nothing pending (the drain; its events/s
 and CPU per event), and in all.
