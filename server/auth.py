@@ -6,6 +6,7 @@ the token header, so `alg: none` and HS256-signed-with-the-public-key tokens can
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -105,6 +106,9 @@ def _verify(token: str, project: Project, now: float) -> tuple[Verified, float]:
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub:
         raise Unauthorized("User token 'sub' must be a non-empty string.")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in sub):
+        # Stored as text (PostgreSQL refuses U+0000) and written to logs: neither takes these.
+        raise Unauthorized("User token 'sub' holds a control character or an unpaired surrogate.")
     return Verified(sub, Permissions.of_claims(claims)), expires
 
 

@@ -29,7 +29,32 @@ async def read_json_body(request: Request) -> Any:
         if size > MAX_BODY_BYTES:
             raise PayloadTooLarge("The request body is larger than 1 MiB.")
         chunks.append(chunk)
+    body = b"".join(chunks)
     try:
-        return orjson.loads(b"".join(chunks))
+        parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest("The request body is not valid JSON.") from None
+    if b"\\u0000" in body and _holds_nul(parsed):  # rare: only then is the value walked
+        raise BadRequest(
+            "The request body holds a NUL character (\\u0000) in a string: send text without it.",
+            code="INVALID_REQUEST",
+        )
+    return parsed
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a string in `value` (keys included) holds U+0000, which no stored text may:
+    PostgreSQL's text refuses it (https://www.postgresql.org/docs/current/datatype-character.html),
+    and no event field means it. Iterative: a deep body cannot exhaust the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

@@ -281,10 +281,12 @@ def _storage(
     table: dict[str, Any], base_dir: Path, env: dict[str, str], where: str
 ) -> StorageSettings:
     _refuse_unknown(table, _STORAGE_KEYS, where)
-    url = env.get(DATABASE_URL_ENV, "").strip() or _str(table, "url", where, DEFAULT_URL)
-    database_url = _postgres_url(url, where) if url.startswith(POSTGRES_SCHEMES) else None
+    url = env.get(DATABASE_URL_ENV, "").strip()
+    source = DATABASE_URL_ENV if url else where  # what a message about the URL names
+    url = url or _str(table, "url", where, DEFAULT_URL)
+    database_url = _postgres_url(url, source) if url.startswith(POSTGRES_SCHEMES) else None
     # With PostgreSQL the path is unused but for what lives beside it (console.token).
-    database = base_dir / "funnelgate.db" if database_url else _sqlite_path(url, base_dir, where)
+    database = base_dir / "funnelgate.db" if database_url else _sqlite_path(url, base_dir, source)
     retention = _number(table, "retention_days", where, StorageSettings.retention_days)
     if from_env := env.get(SECRET_KEY_ENV, "").strip():  # wins over the file, as env does
         keys = parse_secret_keys(from_env, SECRET_KEY_ENV)
@@ -314,8 +316,9 @@ def _postgres_url(url: str, where: str) -> str:
 def _sqlite_path(url: str, base_dir: Path, where: str) -> Path:
     prefix = "sqlite:///"
     if not url.startswith(prefix):
-        raise ConfigError(
-            f"{where}: url must be sqlite:///PATH or postgresql://... (got scheme of {url!r})"
+        scheme = url.split(":", 1)[0] if ":" in url else url[:20]
+        raise ConfigError(  # only the scheme: the rest may hold a password
+            f"{where}: url must be sqlite:///PATH or postgresql://... (got {scheme!r})"
         )
     path = Path(url[len(prefix) :])
     return path if path.is_absolute() else base_dir / path

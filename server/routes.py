@@ -170,7 +170,8 @@ async def event_status(request: Request) -> Response:
     project, user_id, permissions = authenticate(request)
     event_id = request.path_params["event_id"]
     found = None
-    if len(event_id) <= MAX_ANY_STRING:  # no longer id was ever accepted (tools/limits.py)
+    # No longer id was ever accepted (tools/limits.py), nor one with a NUL (server/bodies.py).
+    if len(event_id) <= MAX_ANY_STRING and "\x00" not in event_id:
         found = await request.app.state.outbox.read(
             lambda db: outbox.event_status(db, project.id, user_id, event_id)
         )

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from server.config import load_config
+from server.errors import ConfigError
 from server.storage import schema_pg
 from server.storage.credentials import SCHEMA_VERSION
 from server.storage.crypto import add_secret_key
@@ -100,3 +101,15 @@ def test_the_database_url_is_checked_when_the_config_loads(
         assert expected is None
         assert loaded.storage.url == url
         assert "pw" not in repr(loaded.storage)
+
+
+def test_a_wrong_scheme_names_only_the_scheme_and_where_it_came_from(tmp_path: Path, rsa_key):
+    (tmp_path / "p.pem").write_text(public_pem(rsa_key))
+    config = tmp_path / "funnelgate.toml"
+    config.write_text('[[projects]]\nid = "p"\njwt_public_key_file = "p.pem"\n')
+    url = "postgresql+psycopg://fg:s3cret@db/fg"  # SQLAlchemy's form, pasted
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, env={"FUNNELGATE_DATABASE_URL": url})
+    assert "s3cret" not in str(raised.value)
+    assert "FUNNELGATE_DATABASE_URL" in str(raised.value)
+    assert "'postgresql+psycopg'" in str(raised.value)
