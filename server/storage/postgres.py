@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from server.logs import log
@@ -36,6 +37,7 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_SECONDS = 5
 # A statement that runs longer is cancelled by the server: nothing holds the writer for ever.
 STATEMENT_TIMEOUT_MS = 30_000
+TCP_USER_TIMEOUT_MS = 15_000  # unacknowledged data: the connection is dead past this
 READERS = 4  # pooled read connections per process
 # How long a read waits for a pooled connection: while the database is down, a call answers
 # 503 after this, rather than after a whole connect timeout.
@@ -94,16 +96,29 @@ class PgConnection:
 def connect(url: str) -> PgConnection:
     """A new autocommit connection; psycopg.OperationalError when the server cannot be
     reached within CONNECT_TIMEOUT_SECONDS."""
-    raw = psycopg.connect(url, **_options())
+    raw = psycopg.connect(url, **_options(url))
     return PgConnection(raw)
 
 
-def _options() -> dict[str, Any]:
+def _options(url: str) -> dict[str, Any]:
+    """What every connection adds to the URL's own parameters (which keep their say: a
+    `search_path` in its `options` stays, and its own `application_name` wins).
+
+    The statement timeout runs on the server; a host that stops answering (a partition,
+    not a restart) is found by TCP keepalives and `tcp_user_timeout` instead, so a write
+    waits seconds for it, not the kernel's 15 minutes
+    (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-TCP-USER-TIMEOUT)."""
+    given = conninfo_to_dict(url)
     return {
         "autocommit": True,
-        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-        "application_name": "funnelgate",
+        "connect_timeout": given.get("connect_timeout", CONNECT_TIMEOUT_SECONDS),
+        "options": f"{given.get('options', '')} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        "application_name": given.get("application_name", "funnelgate"),
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 3,
+        "keepalives_count": 3,
+        "tcp_user_timeout": given.get("tcp_user_timeout", TCP_USER_TIMEOUT_MS),
     }
 
 
@@ -264,7 +279,7 @@ class Readers:
             url,
             min_size=1,
             max_size=READERS,
-            kwargs=_options(),
+            kwargs=_options(url),
             timeout=READ_WAIT_SECONDS,
             check=ConnectionPool.check_connection,
             open=False,
@@ -307,7 +322,7 @@ class Listener:
         attempt = 0
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self._url, **_options()) as raw:
+                with psycopg.connect(self._url, **_options(self._url)) as raw:
                     raw.execute(f"LISTEN {OUTBOX_CHANNEL}")
                     attempt = 0
                     self._notify()

@@ -144,9 +144,16 @@ def version(db: Connection) -> int:
 
 
 def upgrade(db: Connection) -> tuple[int, int]:
-    """Applies the migrations the database lacks; (version before, version after)."""
+    """Applies the migrations the database lacks; (version before, version after). A database
+    already current is only read: a role without CREATE rights serves it."""
+    current = version(db)
+    if current == VERSION:
+        return current, current
     db.execute("BEGIN")
     try:
+        # A migration (or the wait for another instance's) may outlast the statement timeout
+        # every connection has (postgres.py): this transaction has none.
+        db.execute("SET LOCAL statement_timeout = 0")
         db.execute("SELECT pg_advisory_xact_lock(?)", (LOCK_ID,))
         db.execute("CREATE TABLE IF NOT EXISTS funnelgate_schema (version integer NOT NULL)")
         before = version(db)
