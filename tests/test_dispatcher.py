@@ -20,6 +20,7 @@ from server.delivery import dispatcher as dispatcher_module
 from server.delivery.dispatcher import LEASE_SECONDS, Dispatcher
 from server.delivery.graph import GraphClient
 from server.delivery.throttle import Breakers
+from server.errors import StorageUnavailable
 from server.storage import outbox
 from server.storage.credentials import (
     Credentials,
@@ -406,3 +407,35 @@ def test_a_token_no_key_opens_keeps_its_events_queued_until_it_opens(harness, mo
 
     assert harness.run(body)["delivered"] == 1
     assert [b["access_token"] for b in harness.graph.bodies()] == ["EAAB-sealed"]
+
+
+def test_a_storage_failure_looking_up_a_token_is_not_a_lost_key(harness, monkeypatch):
+    """The database failing the lookup (PostgreSQL restarting) is no reason to hold the
+    events back a minute as if their key were missing: the claim is let go, and the lease
+    makes them due again."""
+    store = open_credentials(harness.config.storage)
+    credential, _ = store.set(PROJECT, USER, "EAAB-sealed")
+    store.close()
+    real = Credentials.token_of
+    failing = {"now": True}
+
+    async def token_of(self: Credentials, project: Any, credential_id: str | None) -> str | None:
+        if failing["now"]:
+            raise StorageUnavailable(reading=True)
+        return await real(self, project, credential_id)
+
+    monkeypatch.setattr(Credentials, "token_of", token_of)
+
+    async def body(queue: Outbox, dispatcher: Dispatcher) -> dict[str, int]:
+        await queue.enqueue([new(1, credential=credential.id)])
+        dispatcher.wake()
+        await asyncio.sleep(0.5)
+        waiting = rows(queue)["e1"]
+        assert (waiting.status, waiting.attempts) == ("queued", 0)
+        assert waiting.next_at == NOW + LEASE_SECONDS  # claimed, not pushed back for a key
+        failing["now"] = False  # the database is back
+        harness.clock.now += LEASE_SECONDS + 1
+        dispatcher.wake()
+        return await until(queue, lambda c: c["delivered"] == 1)
+
+    assert harness.run(body)["delivered"] == 1

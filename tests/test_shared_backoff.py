@@ -99,3 +99,23 @@ def test_instances_sharing_at_once_never_deadlock(postgres_url: str, tmp_path: P
                 queue.close()
 
     asyncio.run(scenario())
+
+
+def test_a_key_closed_then_opened_again_within_one_share_stays_open(backend, tmp_path, rsa_key):
+    """Meta flapping: a probe went through, then the next request was throttled again, all
+    within one second; the last change is the one the others must see."""
+    config = make_config(tmp_path, rsa_key, database_url=backend)
+    upgrade_schema(config.storage)
+    database = open_database(config.storage.database_path, config.storage.url)
+    database.start_writer()
+    key = "a" * 64
+    changes = [(key, "123", 100.0, 1), (key, "123", 0.0, 0), (key, "123", 111.0, 2)]
+
+    async def scenario() -> list[tuple[str, str, float, int]]:
+        await database.submit(lambda db: table.share(db, changes))
+        return await database.read(lambda db: table.open_now(db, 0.0))
+
+    try:
+        assert asyncio.run(scenario()) == [(key, "123", 111.0, 2)]
+    finally:
+        database.close()

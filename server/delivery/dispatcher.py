@@ -43,6 +43,7 @@ from server.delivery.graph import (
 )
 from server.delivery.policy import Verdict
 from server.delivery.timeouts import AttemptTimeouts
+from server.errors import StorageUnavailable
 from server.logs import log
 from server.storage import breakers, credentials, idempotency, minutes, outbox
 from server.storage.credentials import Credentials
@@ -286,6 +287,8 @@ class Dispatcher:
         key opens it (a key file changed: its events wait for the key, they are not lost)."""
         try:
             return await self._credentials.token_of(project, credential_id)
+        except StorageUnavailable:
+            raise  # not the key's fault: the cycle fails, and the lease makes the rows due again
         except Exception as exc:
             log("credential_unreadable", logging.ERROR, project=project.id,
                 error=type(exc).__name__)  # fmt: skip

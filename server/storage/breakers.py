@@ -28,8 +28,9 @@ def share(db: Connection, changes: list[Change]) -> None:
     """Opened breakers (kept while they open longest), and closed ones (deleted). In key
     order: two instances sharing at once lock the rows in the same order, so on PostgreSQL one
     waits for the other instead of deadlocking."""
-    opened = sorted(c for c in changes if c[2] > 0)
-    closed = sorted({(c[0],) for c in changes if c[2] == 0})
+    last = {change[0]: change for change in changes}  # in order: a key's last change stands
+    opened = sorted(c for c in last.values() if c[2] > 0)
+    closed = sorted((c[0],) for c in last.values() if c[2] == 0)
     db.executemany(
         "INSERT INTO breakers (key, pixel_id, open_until, failures) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (key) DO UPDATE SET open_until = excluded.open_until, "

@@ -206,7 +206,7 @@ class PgWriter:
             outcomes = self._together(db, batch)
             self.failing = False
         except _JobFailed:
-            outcomes = [self._alone(job, future) for job, _, future in batch]
+            outcomes = self._one_by_one(batch)
         except psycopg.Error as exc:  # the server or the network: nothing of the batch holds
             self._failed(exc)
             outcomes = [(future, None, exc) for _, _, future in batch]
@@ -235,6 +235,23 @@ class PgWriter:
         return [
             (future, result, None) for (_, _, future), result in zip(batch, results, strict=True)
         ]
+
+    def _one_by_one(
+        self, batch: list[Waiting]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Each job in a transaction of its own; once the connection is lost, the jobs left
+        fail with that error rather than each wait for a connect of its own."""
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        lost: BaseException | None = None
+        for job, _, future in batch:
+            if lost is not None:
+                outcomes.append((future, None, lost))
+                continue
+            outcome = self._alone(job, future)
+            outcomes.append(outcome)
+            if outcome[2] is not None and self._db is None:
+                lost = outcome[2]
+        return outcomes
 
     def _alone(
         self, job: Callable[[Any], Any], future: asyncio.Future[Any]
