@@ -687,6 +687,23 @@ def test_an_event_is_shown_with_digests_and_present_only():
     }  # fmt: skip
 
 
+def test_the_token_digest_alone_makes_no_session_where_a_secret_key_is_set(tmp_path):
+    """Whoever reads `token_sha256` in a config cannot sign a cookie the server takes: the key
+    also takes the storage's secret key, which instances share to open stored tokens."""
+    clock: Callable[[], float] = lambda: NOW  # noqa: E731
+    digest = auth.token_digest("one")
+
+    def sessions(secret: bytes) -> auth.Sessions:
+        revocations = auth.Revocations(tmp_path / auth.REVOKED_FILE, clock)
+        return auth.Sessions(3600, clock, revocations, secret=secret)
+
+    cookie, session = sessions(b"k" * 32).create(digest)
+    assert sessions(b"k" * 32).get(cookie, digest) == session  # another instance, same key
+    assert sessions(b"x" * 32).get(cookie, digest) is None
+    forged, _ = sessions(b"").create(digest)  # made from the digest alone
+    assert sessions(b"k" * 32).get(forged, digest) is None
+
+
 def test_sessions_are_signed_expire_and_end_at_logout_for_every_worker(tmp_path):
     now = [NOW]
     clock: Callable[[], float] = lambda: now[0]  # noqa: E731

@@ -14,8 +14,10 @@ on failed logins.
   token's SHA-256 under a label of its own (session_key). Any worker process, and any host
   configured with the same token, opens a session another made; a new token is a new key, so
   it ends every session of the old one. The CSRF token is derived from the session id with
-  the same key (OWASP's HMAC-based synchronizer token). Since the key comes from the digest,
-  whoever reads the digest can make a session (never learn the token): it is kept 0600.
+  the same key (OWASP's HMAC-based synchronizer token). The key also takes the storage's
+  newest secret key, which every instance holds to open stored tokens: the digest alone (in a
+  config file) makes no session. Without a secret key configured, whoever reads the digest
+  could make one (never learn the token): it is kept 0600. A new secret key ends sessions.
 - Logging out clears the cookie and writes the session id's SHA-256, until the session's own
   expiry, to `console.revoked` beside the token file, which every worker of the host reads
   (again when it changes): a copy of the cookie replayed after a logout is refused there.
@@ -152,10 +154,17 @@ class Sessions:
     """Sessions made and checked from their cookie alone (module docstring): nothing of them
     is kept but the revocations of logged-out ones."""
 
-    def __init__(self, lifetime: float, clock: Callable[[], float], revoked: Revocations) -> None:
+    def __init__(
+        self,
+        lifetime: float,
+        clock: Callable[[], float],
+        revoked: Revocations,
+        secret: bytes = b"",
+    ) -> None:
         self.lifetime = lifetime
         self._clock = clock
         self._revoked = revoked
+        self._secret = secret  # the storage's newest secret key: the digest alone makes none
         self._keys: tuple[str, bytes] | None = None  # the last (digest, key) derived
 
     def create(self, token: str) -> tuple[str, Session]:
@@ -188,14 +197,16 @@ class Sessions:
 
     def _key(self, digest: str) -> bytes:
         if self._keys is None or self._keys[0] != digest:
-            self._keys = (digest, session_key(digest))
+            self._keys = (digest, session_key(digest, self._secret))
         return self._keys[1]
 
 
-def session_key(digest: str) -> bytes:
-    """The sessions' signing key: HMAC-SHA256 keyed by the token's SHA-256, over a label that
-    is this key's alone (domain separation: the digest itself signs nothing)."""
-    return hmac.new(bytes.fromhex(digest), SESSION_KEY_LABEL, hashlib.sha256).digest()
+def session_key(digest: str, secret: bytes = b"") -> bytes:
+    """The sessions' signing key: HMAC-SHA256 keyed by the storage's secret key and the
+    token's SHA-256, over a label that is this key's alone (domain separation: neither
+    signs anything itself). With a secret key configured, which every instance shares to open
+    the stored tokens, the digest in a config is not enough to make a session."""
+    return hmac.new(secret + bytes.fromhex(digest), SESSION_KEY_LABEL, hashlib.sha256).digest()
 
 
 def _mac(key: bytes, label: bytes, session_id: str, expires_at: int | None = None) -> str:

@@ -145,6 +145,7 @@ class Console:
             config.console.session_hours * 3600,
             clock,
             Revocations(revoked_path(config.storage), clock),
+            secret=config.storage.secret_keys[0].material if config.storage.secret_keys else b"",
         )
         self.throttle = LoginThrottle()
         self.read = queries.Reader(lambda: state.outbox.database)
