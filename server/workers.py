@@ -174,8 +174,8 @@ def serve(
     from server.storage.database import Database, open_database  # noqa: PLC0415
     from server.storage.schema import upgrade_schema  # noqa: PLC0415
 
-    # The schema brought up to date once, here, not by N workers at once (they would wait on
-    # each other's lock, and find it done).
+    # The schema brought up to date here, before any worker: each worker's start then finds
+    # it current and only reads the version.
     upgrade_schema(config.storage)
     metrics_dir = tempfile.mkdtemp(prefix="funnelgate-metrics-")  # 0700, fresh: no old counts
     os.environ[MULTIPROC_ENV] = metrics_dir  # before the first worker: they inherit it

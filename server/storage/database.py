@@ -13,7 +13,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import psycopg
 
@@ -32,13 +32,11 @@ def is_postgres(db: Connection) -> bool:
     return isinstance(db, PgConnection)
 
 
-def is_postgres_url(url: str | None) -> bool:
+def is_postgres_url(url: str | None) -> TypeGuard[str]:
     return url is not None and url.startswith(("postgresql://", "postgres://"))
 
 
 class Database(Protocol):
-    postgres: bool
-
     @property
     def alive(self) -> bool:
         """Whether the writer still takes jobs."""
@@ -68,8 +66,6 @@ class Database(Protocol):
 class SqliteDatabase:
     """One file in WAL mode: one writer thread, one reading connection used on the loop
     (local index lookups take microseconds and WAL readers never wait for the writer)."""
-
-    postgres = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -108,8 +104,6 @@ class SqliteDatabase:
 
 
 class PostgresDatabase:
-    postgres = True
-
     def __init__(self, url: str) -> None:
         self.url = url
         self._readers = postgres.Readers(url)
@@ -155,7 +149,7 @@ def open_database(path: Path, url: str | None) -> SqliteDatabase | PostgresDatab
 
 def connect_sync(path: Path, url: str | None) -> Connection:
     """A connection of its own (the CLI): autocommit, transactions are the caller's BEGINs."""
-    return postgres.connect(url) if url is not None and is_postgres_url(url) else connect(path)
+    return postgres.connect(url) if is_postgres_url(url) else connect(path)
 
 
 def conditions(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
