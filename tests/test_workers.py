@@ -59,14 +59,17 @@ ROUNDS = 10  # rounds of new connections until both workers have answered (each 
 class Workers:
     """`funnelgate serve --workers N` on its own config and database, stopped at the end."""
 
-    def __init__(self, root: Path, key: Any, graph: FaultGraph, **delivery: Any) -> None:
+    def __init__(
+        self, root: Path, key: Any, graph: FaultGraph, storage_url: str | None = None,
+        **delivery: Any,
+    ) -> None:  # fmt: skip
         root.mkdir(parents=True, exist_ok=True)
         (root / "project.pub.pem").write_text(public_pem(key))
         digest = hashlib.sha256(CONSOLE_TOKEN.encode()).hexdigest()
         tables = {
             "graph": {"base_url": graph.base_url},
             "delivery": delivery,
-            "storage": {"url": "sqlite:///funnelgate.db"},
+            "storage": {"url": storage_url or "sqlite:///funnelgate.db"},
             "server": {"shutdown_seconds": SHUTDOWN_SECONDS},
             "console": {"token_sha256": digest},
         }
@@ -317,6 +320,37 @@ def test_both_workers_answer_and_metrics_on_either_count_both(two: Workers, grap
         if len(two.answered("metrics")) == 2:
             break
     assert len(two.answered("metrics")) == 2  # the scrapes, too, reached both
+
+
+def test_two_workers_on_postgresql_share_one_database(
+    tmp_path: Path, key, graph: FaultGraph, token, postgres_url: str
+):
+    """The same supervisor on PostgreSQL: it upgrades the schema before the workers start,
+    both workers answer and deliver, and the queue every scrape shows is the database's."""
+    workers = Workers(tmp_path / "pg", key, graph, storage_url=postgres_url)
+    try:
+        workers.start()
+        sent: set[str] = set()
+        for _ in range(ROUNDS):
+            batch = [next(ids) for _ in range(6)]
+            calls = [(batch_call([event_id]), {"Prefer": "respond-async"}) for event_id in batch]
+            assert post_all(workers.base, token, calls) == [202] * 6
+            sent |= set(batch)
+            if len(workers.answered("run_tool")) == 2:
+                break
+        assert len(workers.answered("run_tool")) == 2, workers.log_tail()
+        assert not graph.wait_for(sent, seconds=30), workers.log_tail()
+        assert wait_until(
+            lambda: all(
+                total(found, "funnelgate_queue_events") == 0
+                and total(found, "funnelgate_events_total", outcome="delivered") == len(sent)
+                for found in scrapes(workers.base)
+            ),
+            15,
+        ), scrapes(workers.base, 1)
+        assert not (tmp_path / "pg" / "funnelgate.db").exists()  # nothing went to a file
+    finally:
+        workers.stop()
 
 
 def test_a_console_login_on_one_worker_holds_on_the_other(two: Workers):
