@@ -46,12 +46,13 @@ class SharedBackoff:
         changes = self._breakers.taken_changes()
         if changes:
             try:
-                await self._queue.write(lambda db: table.share(db, changes))
+                owner = self._breakers.instance
+                await self._queue.write(lambda db: table.share(db, changes, owner))
             except BaseException:
                 self._breakers.requeue(changes)
                 raise
         now = self._clock()
-        self._breakers.merge(await self._queue.read(lambda db: table.open_now(db, now)))
+        self._breakers.merge(await self._queue.read(lambda db: table.recent(db, now)))
 
     async def _run(self) -> None:
         while True:

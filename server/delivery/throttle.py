@@ -8,8 +8,10 @@ are in policy.py. A throttling answer opens the breaker at once; other transient
 (5xx, timeouts) after THRESHOLD in a row, so one blip does not divert a pixel's calls.
 
 Several instances on one database share their breakers (shared_backoff.py): an interval one
-instance opens is published, and the others hold the same key until it ends, so a throttled
-pixel gets one probe per interval from each instance, not a stream from each.
+instance opens is published with its opener, the others hold the same key a little longer
+(PROBE_GRACE_SECONDS), and the opener probes: a throttled pixel gets one probe per interval
+from all the instances together. The opener's success closes it everywhere; its failure opens
+the next interval everywhere; an opener gone quiet is followed by one probe per instance.
 
 Bound (README, Delivery): while a breaker is open nothing is sent for its key; when the
 interval ends one request probes, and the others wait for its outcome. Intervals start at
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +40,12 @@ Key = tuple[str, str]  # (access token, pixel id); never logged
 # An opened or closed breaker as instances share it: (digest of the key, pixel, open until,
 # failures); open until 0 means closed.
 Change = tuple[str, str, float, int]
+# A breaker open on the database: a Change and the instance that opened it (its prober).
+Shared = tuple[str, str, float, int, str]
+# Another instance's interval: this one waits this much longer, so the opener's probe and
+# its outcome (shared within a second or two) come first; past it, the opener is taken for
+# gone and this instance probes itself.
+PROBE_GRACE_SECONDS = 3.0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -52,6 +61,7 @@ class _State:
     failures: int = 0
     open_until: float = 0.0
     probing: bool = False
+    shared: bool = False  # opened by another instance (merge), which probes it
 
 
 class Breakers:
@@ -65,6 +75,7 @@ class Breakers:
         self._rand = rand
         self._states: dict[str, _State] = {}  # by digest(key)
         self._changes: list[Change] = []  # not yet shared with the other instances
+        self.instance = secrets.token_hex(8)  # who opened a shared breaker
 
     def open_until(self, key: Key) -> float:
         """When `key` may be tried again; 0 when it may be tried now."""
@@ -103,6 +114,7 @@ class Breakers:
         doublings = max(0, state.failures - (1 if throttled else THRESHOLD))
         interval = min(cap, start * 2.0**doublings) * (1.0 + 0.25 * self._rand())
         state.open_until = self._clock() + interval
+        state.shared = False  # opened here: this instance probes it
         self._changes.append((digest(key), key[1], state.open_until, state.failures))
 
     def taken_changes(self) -> list[Change]:
@@ -114,16 +126,27 @@ class Breakers:
         """Changes that could not be shared yet: tried again with the next."""
         self._changes = (changes + self._changes)[-MAX_UNSHARED:]
 
-    def merge(self, shared: list[Change]) -> None:
-        """Intervals other instances opened: each key waits at least as long as the longest."""
+    def merge(self, shared: list[Shared]) -> None:
+        """The breakers open on the database (and those ended lately). Another instance's
+        interval holds here too, PROBE_GRACE_SECONDS longer: its opener probes, and one probe
+        goes per interval, not one per instance. One its opener has closed (its probe went
+        through) is closed here too."""
         now = self._clock()
-        for key_digest, pixel_id, open_until, failures in shared:
-            if open_until <= now:
+        elsewhere = set()
+        for key_digest, pixel_id, open_until, failures, owner in shared:
+            if owner == self.instance:
                 continue
-            state = self._states.setdefault(key_digest, _State(pixel_id))
-            if state.open_until < open_until and not state.probing:
-                state.open_until = open_until
+            elsewhere.add(key_digest)
+            state = self._states.setdefault(key_digest, _State(pixel_id, shared=True))
+            if state.probing or open_until <= now:
+                continue  # the opener is probing (or gone: the grace decides)
+            wait = open_until + PROBE_GRACE_SECONDS if state.shared else open_until
+            if state.open_until < wait:
+                state.open_until = wait
                 state.failures = max(state.failures, failures)
+        for key_digest, state in list(self._states.items()):
+            if state.shared and not state.probing and key_digest not in elsewhere:
+                del self._states[key_digest]
 
     def open_pixels(self) -> list[tuple[str, float, int]]:
         """(pixel, seconds until a probe may go, failures) of each breaker open now; never a

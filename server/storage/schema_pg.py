@@ -127,7 +127,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             key        text PRIMARY KEY,
             pixel_id   text NOT NULL,
             open_until float8 NOT NULL,
-            failures   integer NOT NULL
+            failures   integer NOT NULL,
+            owner      text NOT NULL
         )""",
     ),
 )
