@@ -21,14 +21,17 @@ from (project, user, key, fingerprint, n-th id), so the re-run sends the same ev
 Meta deduplicates on event_id + event_name
 (https://developers.facebook.com/docs/marketing-api/conversions-api/deduplicate-pixel-and-server-events).
 
-Rows live in the table `idempotency` of the server's SQLite file, written through the
-group-commit writer (storage/writer.py); the key is stored as its SHA-256, never as sent (a
-caller may put anything in it). "In progress" is in memory: one process, and nothing of it
-needs to survive a restart, since a re-run is safe.
+Rows live in the table `idempotency` of the server's database, written through the
+group-commit writer; the key is stored as its SHA-256, never as sent (a caller may put
+anything in it). "In progress" is a row too (status 0, claimed in the write transaction
+before the call runs), so a retry that reaches another worker or instance meets it; a call
+that ends with nothing to keep removes it, and one left by an instance that died mid-call is
+taken over after RUNNING_SECONDS (its re-run is safe).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -45,12 +48,13 @@ from server.errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
     InvalidParameters,
+    StorageUnavailable,
     UpstreamError,
 )
 from server.logs import log
 from server.responses import error_response
 from server.storage.database import ERRORS, Connection
-from server.storage.idempotency import KEY_TTL_SECONDS, Stored, lookup, save
+from server.storage.idempotency import RUNNING, Stored, claim, release, save
 from tools.base import Violation
 
 HEADER = "Idempotency-Key"
@@ -200,34 +204,43 @@ class Idempotency:
         if running is not None:
             raise IdempotencyInProgress if running == fp else IdempotencyKeyReused
         now = self._clock()
-        # Claimed before the look-up's await: a second call meanwhile meets this one. (Across
-        # instances two calls may both run; their event ids derive from the key, so Meta
-        # deduplicates them, and the first answer stored is the one replayed.)
+        # Marked here before the claim's await: a second call meanwhile meets this one. The
+        # claim marks the key in the database, where every instance meets it.
         self._running[scope] = fp
+        kept = False
         try:
-            stored = await self._store.read(
-                lambda db: lookup(db, *scope, since=now - KEY_TTL_SECONDS)
-            )
+            try:
+                stored = await self._store.write(lambda db: claim(db, *scope, fp, now=now))
+            except ERRORS as exc:
+                log("idempotency_unavailable", logging.ERROR, error=type(exc).__name__)
+                raise StorageUnavailable(reading=True) from None
             if stored is not None:
+                kept = True  # not this call's row: left as it is
                 if stored.fingerprint != fp:
                     raise IdempotencyKeyReused
+                if stored.status == RUNNING:
+                    raise IdempotencyInProgress
                 return _replay(stored)
             try:
                 response = await call(derived_ids(project_id, user_id, key, fp))
             except FunnelgateError as exc:
                 if isinstance(exc, UpstreamError) and 400 <= exc.status < 500:
-                    await self._keep(scope, fp, error_response(exc))
+                    kept = await self._keep(scope, fp, error_response(exc))
                 raise
             if 200 <= response.status_code < 300 or 400 <= response.status_code < 500:
-                await self._keep(scope, fp, response)
+                kept = await self._keep(scope, fp, response)
             return response
         finally:
             del self._running[scope]
+            if not kept:  # nothing to replay: a retry runs again
+                with contextlib.suppress(*ERRORS):
+                    await self._store.write(lambda db: release(db, *scope))
 
-    async def _keep(self, scope: tuple[str, str, str], fp: str, response: Response) -> None:
+    async def _keep(self, scope: tuple[str, str, str], fp: str, response: Response) -> bool:
+        """Whether the answer was stored (in place of the key's running mark)."""
         body = getattr(response, "body", None)  # a streamed answer has none: not kept
         if not isinstance(body, bytes) or len(body) > MAX_STORED_BODY_BYTES:
-            return
+            return False
         headers = {
             name: response.headers[name] for name in KEPT_HEADERS if name in response.headers
         }
@@ -245,6 +258,8 @@ class Idempotency:
             # The call's effect stands and its answer goes out; a retry re-runs it with the
             # same event ids, which Meta deduplicates.
             log("idempotency_not_stored", logging.WARNING, error=type(exc).__name__)
+            return False
+        return True
 
 
 def _replay(stored: Stored) -> Response:

@@ -6,6 +6,7 @@ call's events."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ from server.idempotency import (
 from server.responses import json_response
 from server.storage import schema_pg
 from server.storage.database import Connection, connect_sync, open_database
-from server.storage.idempotency import KEY_TTL_SECONDS, prune
+from server.storage.idempotency import KEY_TTL_SECONDS, RUNNING_SECONDS, claim, prune
 from server.storage.outbox import Outbox
 from tests.support import (
     NOW,
@@ -599,3 +600,64 @@ def test_http_another_users_same_key_is_theirs(client: TestClient, graph: FakeGr
     other = post(client, sign, funnel_parameters(eventId=None, value=3), user="user-2")
     assert other.status_code == 200 and "idempotent-replayed" not in other.headers
     assert len(graph.received) == 2
+
+
+# --- across instances: the running mark is in the database ---------------------------------
+
+
+def test_a_key_running_on_one_instance_is_409_on_another_then_replayed(place: Place, clock: Clock):
+    first, second = open_outbox(place, clock), open_outbox(place, clock)
+    a, b = Idempotency(first, clock=clock), Idempotency(second, clock=clock)
+    tool = RunTool()
+
+    async def scenario() -> tuple[Response, FunnelgateError, Response]:
+        tool.gate = asyncio.Event()
+        running = asyncio.create_task(start(a, tool))  # instance A waits on Meta
+        while not tool.runs:
+            await asyncio.sleep(0.01)
+        with pytest.raises(IdempotencyInProgress) as meanwhile:
+            await start(b, tool)  # instance B: no memory of A's call, the database has it
+        tool.gate.set()
+        answer = await running
+        return answer, meanwhile.value, await start(b, tool)
+
+    try:
+        answer, meanwhile, replayed = asyncio.run(scenario())
+    finally:
+        first.close()
+        second.close()
+    assert meanwhile.status == 409 and len(tool.runs) == 1
+    assert (replayed.status_code, replayed.body) == (answer.status_code, answer.body)
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_call_with_nothing_to_keep_frees_its_key_for_a_retry_anywhere(place: Place, clock: Clock):
+    first, second = open_outbox(place, clock), open_outbox(place, clock)
+    failing = RunTool(error=UpstreamUnavailable("Meta is unavailable.", {}, event_ids=[]))
+    try:
+        with pytest.raises(UpstreamUnavailable):
+            handle(Idempotency(first, clock=clock), failing)
+        assert rows(place) == 0  # no running mark left behind
+        retried = handle(Idempotency(second, clock=clock), RunTool())
+    finally:
+        first.close()
+        second.close()
+    assert retried.status_code == 202 and "Idempotent-Replayed" not in retried.headers
+
+
+def test_a_running_mark_left_by_a_dead_instance_is_taken_over_once_stale(
+    place: Place, clock: Clock
+):
+    outbox = open_outbox(place, clock)
+    try:
+        with closing(place.connect()) as db:  # what an instance that died mid-call leaves
+            db.execute("BEGIN")
+            key = hashlib.sha256(KEY.encode()).hexdigest()  # as the server stores it
+            claim(db, PROJECT, "user-1", key, fingerprint(TOOL, NO_EVENT_ID, None), now=clock.now)
+            db.execute("COMMIT")
+        idem = Idempotency(outbox, clock=clock)
+        assert isinstance(refused(idem, RunTool()), IdempotencyInProgress)
+        clock.now += RUNNING_SECONDS + 1
+        assert handle(idem, RunTool()).status_code == 202  # runs again: the same event ids
+    finally:
+        outbox.close()

@@ -60,16 +60,52 @@ def lookup(
     return Stored(fp, status, content_type, orjson.loads(headers), bytes(body), created_at)
 
 
+RUNNING = 0  # the status of a key whose call runs (on this instance or another)
+# A key's running mark outlives its call by this much at most (an instance that died mid-call
+# leaves one): past it, a retry runs the call again, safely (its event ids are the same).
+RUNNING_SECONDS = 60.0
+
+
+def claim(
+    db: Connection, project_id: str, user_id: str, key_hash: str, fingerprint: str, *, now: float
+) -> Stored | None:
+    """Marks the key running for this call, in the write transaction: None when this call
+    may run; else the key's row (its answer, or status RUNNING: another call runs with it,
+    on any instance). A row expired (24 h) or a running mark gone stale is taken over."""
+    taken = db.execute(
+        "INSERT INTO idempotency (project_id, user_id, key, fingerprint, status, content_type, "
+        "headers, body, created_at) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?) "
+        "ON CONFLICT (project_id, user_id, key) DO UPDATE SET fingerprint = "
+        "excluded.fingerprint, status = excluded.status, content_type = NULL, "
+        "headers = excluded.headers, body = excluded.body, created_at = excluded.created_at "
+        "WHERE idempotency.created_at < ? OR (idempotency.status = ? AND "
+        "idempotency.created_at < ?) RETURNING status",
+        (project_id, user_id, key_hash, fingerprint, RUNNING, b"{}", b"", now,
+         now - KEY_TTL_SECONDS, RUNNING, now - RUNNING_SECONDS),
+    ).fetchone()  # fmt: skip
+    if taken is not None:
+        return None
+    return lookup(db, project_id, user_id, key_hash, since=now - KEY_TTL_SECONDS)
+
+
+def release(db: Connection, project_id: str, user_id: str, key_hash: str) -> None:
+    """The call ended with nothing to keep: the running mark goes, and a retry runs again."""
+    db.execute(
+        "DELETE FROM idempotency WHERE project_id = ? AND user_id = ? AND key = ? AND status = ?",
+        (project_id, user_id, key_hash, RUNNING),
+    )
+
+
 def save(db: Connection, project_id: str, user_id: str, key_hash: str, stored: Stored) -> None:
-    """Replaces an expired row of the same key (a live one is replayed, never overwritten,
-    even by a call that ran at once on another instance)."""
+    """The call's answer in place of its running mark (or of an expired row); a live answer
+    is replayed, never overwritten, even by a call that ran at once on another instance."""
     db.execute(
         "INSERT INTO idempotency (project_id, user_id, key, fingerprint, status, "
         "content_type, headers, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (project_id, user_id, key) DO UPDATE SET fingerprint = "
         "excluded.fingerprint, status = excluded.status, content_type = excluded.content_type, "
         "headers = excluded.headers, body = excluded.body, created_at = excluded.created_at "
-        "WHERE idempotency.created_at < excluded.created_at - ?",
+        "WHERE idempotency.status = ? OR idempotency.created_at < excluded.created_at - ?",
         (
             project_id,
             user_id,
@@ -80,6 +116,7 @@ def save(db: Connection, project_id: str, user_id: str, key_hash: str, stored: S
             orjson.dumps(stored.headers),
             stored.body,
             stored.created_at,
+            RUNNING,
             KEY_TTL_SECONDS,
         ),
     )
