@@ -1029,8 +1029,13 @@ def test_new_replayed_and_released_events_wake_every_listener(postgres_url, tmp_
                 await asyncio.to_thread(change)
                 await asyncio.wait_for(woken.wait(), 1.5)
 
-            seqs: list[int] = []
-            await wakes(lambda: seqs.extend(add(cli, new(1), new(2))))  # another instance queues
+            other = Outbox(open_database(storage.database_path, storage.url), clock=lambda: NOW)
+            try:  # another instance queues (its own dispatcher it wakes in process)
+                woken.clear()
+                seqs = await other.enqueue([new(1), new(2)])
+                await asyncio.wait_for(woken.wait(), 1.5)
+            finally:
+                other.close()
             woken.clear()
             outbox.mark_failed(cli, seqs[:1], now=NOW, error=REJECTED)
             outbox.mark_held(cli, seqs[1:], now=NOW, error=REFUSED)

@@ -22,6 +22,7 @@ import datetime
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -83,6 +84,7 @@ STATUSES = ("queued", "held", "delivered", "failed")
 CREDENTIAL_REMOVED = {"code": "INTEGRATION_NOT_ENABLED", "message": "The credential was removed."}
 PENDING = ("queued", "held")
 ALL = 2**62  # a LIMIT that takes every row (PostgreSQL refuses SQLite's -1)
+NOTIFY_SECONDS = 0.1  # on PostgreSQL, new events are announced at most this often (Outbox)
 _COLUMNS = (
     "seq, project_id, user_id, credential_id, event_id, event_name, pixel_id, test_event_code, "
     "expires_at, attempts, event"
@@ -686,6 +688,7 @@ class Outbox:
         self._lock = threading.Lock()
         self._inserts: list[tuple[list[Row], asyncio.Future[list[int]]]] = []
         self._insert_submitted = False
+        self._notified = -NOTIFY_SECONDS  # when the writer last sent a NOTIFY (monotonic)
 
     def close(self) -> None:
         self.database.close()
@@ -769,12 +772,19 @@ class Outbox:
         _settle_inserts(job, taken=taken)
 
     def _insert_waiting(self, db: Connection, *, taken: list[_Insert]) -> list[int]:
-        """In the writer's thread: every insert waiting now, in one statement."""
+        """In the writer's thread: every insert waiting now, in one statement. On PostgreSQL
+        the other instances' dispatchers hear of new events at most every NOTIFY_SECONDS (this
+        one's is woken in process): PostgreSQL serialises the commits of transactions that
+        notify, so a notice per insert would cost every instance's commits their overlap."""
         with self._lock:
             taken += self._inserts
             self._inserts = []
             self._insert_submitted = False
-        return insert(db, [row for rows, _ in taken for row in rows])
+        seqs = insert(db, [row for rows, _ in taken for row in rows])
+        if is_postgres(db) and (moment := time.monotonic()) - self._notified >= NOTIFY_SECONDS:
+            self._notified = moment
+            notify_due(db)
+        return seqs
 
     def finished(self, count: int) -> None:
         """`count` pending rows became delivered or failed."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 from server.errors import ConfigError
 from server.storage.database import Connection
 from server.storage.minutes import EVENT_COLUMNS
-from server.storage.postgres import OUTBOX_CHANNEL
 
 # Any number unlikely to be another application's: "funnelgate" read as digits, in a bigint.
 LOCK_ID = 0x66756E6E656C
@@ -73,15 +72,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX outbox_done ON outbox (updated_at) WHERE status IN ('delivered', 'failed')",
         "CREATE INDEX outbox_pending_age ON outbox (created_at) WHERE status IN ('queued', 'held')",
         "CREATE INDEX outbox_failed ON outbox (updated_at) WHERE status = 'failed'",
-        # New events wake every instance's dispatcher (storage/postgres.py, Listener): one
-        # notice per inserting statement, delivered at commit.
-        f"""CREATE FUNCTION funnelgate_outbox_queued() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            NOTIFY {OUTBOX_CHANNEL};
-            RETURN NULL;
-        END $$""",
-        "CREATE TRIGGER outbox_queued AFTER INSERT ON outbox "
-        "FOR EACH STATEMENT EXECUTE FUNCTION funnelgate_outbox_queued()",
         """CREATE TABLE idempotency (
             project_id   text NOT NULL,
             user_id      text NOT NULL,
