@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from server.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from server.errors import BadRequest, InvalidParameters, PayloadTooLarge, UnsupportedMediaType
+from tools.base import Violation
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -34,27 +35,43 @@ async def read_json_body(request: Request) -> Any:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest("The request body is not valid JSON.") from None
-    if b"\\u0000" in body and _holds_nul(parsed):  # rare: only then is the value walked
-        raise BadRequest(
-            "The request body holds a NUL character (\\u0000) in a string: send text without it.",
-            code="INVALID_REQUEST",
-        )
+    if b"\\u0000" in body:  # rare: only then is anything walked
+        _refuse_nul(parsed)
     return parsed
 
 
-def _holds_nul(value: Any) -> bool:
-    """Whether a string in `value` (keys included) holds U+0000, which no stored text may:
-    PostgreSQL's text refuses it (https://www.postgresql.org/docs/current/datatype-character.html),
-    and no event field means it. Iterative: a deep body cannot exhaust the stack."""
-    stack = [value]
+NUL_MESSAGE = "holds a NUL character (\\u0000): send text without it"
+
+
+def _refuse_nul(parsed: Any) -> None:
+    """A tool's parameters (Run Tool's `parameters`, MCP's `params.arguments`) may hold no
+    U+0000: no stored text may (PostgreSQL's text refuses it,
+    https://www.postgresql.org/docs/current/datatype-character.html), and no event field means
+    it. Elsewhere in a body it is left to the checks that read those fields."""
+    if not isinstance(parsed, dict):
+        return
+    for holder, name in ((parsed, "parameters"), (parsed.get("params"), "arguments")):
+        if isinstance(holder, dict) and name in holder:
+            where = nul_path(holder[name])
+            if where is not None:
+                raise InvalidParameters([Violation("parameters" + where, NUL_MESSAGE)])
+
+
+def nul_path(value: Any) -> str | None:
+    """Where in `value` a string holds U+0000, as the rest of a violation's path (`.pixel`,
+    `.events[0].event_name`; a key that holds one is reported as its object, never echoed);
+    None when none does. Iterative: a deep body cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [("", value)]
     while stack:
-        item = stack.pop()
+        where, item = stack.pop()
         if isinstance(item, str):
             if "\x00" in item:
-                return True
+                return where
         elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            for key, child in item.items():
+                if "\x00" in key:
+                    return where
+                stack.append((f"{where}.{key}", child))
         elif isinstance(item, list):
-            stack.extend(item)
-    return False
+            stack.extend((f"{where}[{index}]", child) for index, child in enumerate(item))
+    return None

@@ -58,7 +58,7 @@ def test_the_urls_own_options_and_name_are_kept(postgres_url: str):
     db = connect(url)
     try:
         shown = [
-            db.execute(f"SHOW {name}").fetchone()[0]
+            db.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
             for name in ("search_path", "statement_timeout", "application_name")
         ]
     finally:
@@ -78,7 +78,7 @@ def test_a_role_without_create_rights_serves_a_current_database(postgres_url: st
     owner.close()
     app = connect(postgres_url.replace("user=postgres", "user=fg_app"))
     try:
-        assert app.execute("SELECT current_user").fetchone()[0] == "fg_app"
+        assert app.execute("SELECT current_user").fetchone() == ("fg_app",)
         assert upgrade(app) == (VERSION, VERSION)
     finally:
         app.close()

@@ -157,7 +157,7 @@ def test_parameters_must_be_an_object(client, graph, sign):
         ({"customerEmail": "joe-at-example"}, "parameters.customerEmail", "not an email"),
         ({"customerCountryCode": "Atlantis"}, "parameters.customerCountryCode", "ISO 3166-1"),
         ({"customerClientIpAddress": "999.1.1.1"}, "parameters.customerClientIpAddress", "IP"),
-        ({"customerClientIpAddress": "1.2.3.4\x00"}, "parameters.customerClientIpAddress", "IP"),
+        ({"customerClientIpAddress": "1.2.3.4\x00"}, "parameters.customerClientIpAddress", "NUL"),
         ({"contentId": "['ABC"}, "parameters.contentId", "unbalanced"),
     ],
 )

@@ -42,23 +42,37 @@ def call(client: TestClient, token: str, **parameters: Any) -> Any:
     "parameters",
     [{"eventId": "a\x00b"}, {"contentName": "shoe\x00"}, {"customerEmail": "a\x00@example.com"}],
 )
-def test_a_nul_in_the_body_is_a_400_and_the_next_call_is_queued(
+def test_a_nul_in_a_parameter_is_a_400_naming_it_and_the_next_call_is_queued(
     queued_client: TestClient, sign, parameters: dict[str, Any]
 ):
     refused = call(queued_client, sign(), **parameters)
     assert refused.status_code == 400
-    assert refused.json()["code"] == "INVALID_REQUEST"
-    assert "NUL" in refused.json()["message"]
+    body = refused.json()
+    assert body["code"] == "INVALID_PARAMETERS"
+    [name] = parameters
+    assert body["errors"] == [
+        {"path": f"parameters.{name}", "message": "holds a NUL character (\\u0000): "
+         "send text without it"}
+    ]  # fmt: skip
     assert call(queued_client, sign(), eventId="fine").status_code == 202
 
 
-def test_a_nul_in_a_json_key_is_refused_too(queued_client: TestClient, sign):
-    body = b'{"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": {"x\\u0000": 1}}'
-    answer = queued_client.post(
-        f"/projects/{PROJECT}/tools", content=body,
-        headers={"Authorization": f"Bearer {sign()}", "Content-Type": "application/json"},
-    )  # fmt: skip
-    assert answer.status_code == 400 and "NUL" in answer.json()["message"]
+def test_a_nul_in_a_key_names_its_object_and_outside_the_parameters_each_field_decides(
+    queued_client: TestClient, sign
+):
+    for body, status, code in (
+        # A key with a NUL: its object is named, the key never echoed.
+        (b'{"tool": "FACEBOOK_ADS_SEND_FUNNEL_EVENT", "parameters": {"custom_data": '
+         b'{"x\\u0000": 1}}}', 400, "INVALID_PARAMETERS"),
+        # Outside the parameters, the field's own check answers (an unknown tool here).
+        (b'{"tool": "FACEBOOK\\u0000", "parameters": {}}', 404, "UNKNOWN_TOOL"),
+    ):  # fmt: skip
+        answer = queued_client.post(
+            f"/projects/{PROJECT}/tools", content=body,
+            headers={"Authorization": f"Bearer {sign()}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        assert (answer.status_code, answer.json()["code"]) == (status, code), answer.text
+        assert "\x00" not in answer.text
 
 
 def test_an_escaped_backslash_before_u0000_is_text_not_a_nul(queued_client: TestClient, sign):
