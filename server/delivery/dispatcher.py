@@ -62,7 +62,10 @@ LINGER_SECONDS = 0.2
 POLL_SECONDS = 1.0  # replays from the CLI and ended leases are seen at least this often
 RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 1.0, 900.0
 PRUNE_EVERY_SECONDS = 3600.0
-RECOUNT_EVERY_SECONDS = 60.0
+# The queue bound's count from the table: other processes (the CLI's replays, other workers
+# and instances, which deliver what this one accepted) change it.
+RECOUNT_EVERY_SECONDS = 5.0
+USES_EVERY_SECONDS = 60.0
 UNREADABLE = "\x00unreadable"  # _token's answer for a token no key opens (never a token)
 UNREADABLE_RETRY_SECONDS = 60.0
 
@@ -190,7 +193,7 @@ class Dispatcher:
             await self._prune(now)
         except Exception as exc:  # the loop below still delivers; the next prune retries
             log("dispatcher_error", logging.ERROR, error=type(exc).__name__)
-        last_prune = last_count = time.monotonic()
+        last_prune = last_count = last_uses = time.monotonic()
         while not self._stopping:
             try:
                 if time.monotonic() - last_prune >= PRUNE_EVERY_SECONDS:
@@ -198,8 +201,10 @@ class Dispatcher:
                     last_prune = time.monotonic()
                 if time.monotonic() - last_count >= RECOUNT_EVERY_SECONDS:
                     await self._queue.recount()
-                    await self.write_uses()
                     last_count = time.monotonic()
+                if time.monotonic() - last_uses >= USES_EVERY_SECONDS:
+                    await self.write_uses()
+                    last_uses = time.monotonic()
                 await self._cycle()
             except Exception as exc:  # the disk or a bug: keep the loop, say so, slow down
                 log("dispatcher_error", logging.ERROR, error=type(exc).__name__)

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import queue
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from server.logs import log
-from server.storage.writer import MAX_JOBS_PER_COMMIT, Waiting, settle
+from server.storage.writer import GroupCommit, Waiting, settle
 
 T = TypeVar("T")
 CONNECT_TIMEOUT_SECONDS = 5
@@ -126,7 +125,7 @@ def _backoff(attempt: int) -> float:
     return RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
 
 
-class PgWriter:
+class PgWriter(GroupCommit):
     """Group commit on PostgreSQL (writer.py's Writer says why). A job that raises makes the
     whole transaction roll back; its batch then runs again one job per transaction, so only
     the failing job fails. (Not a SAVEPOINT per job: past 64 subtransactions in one
@@ -134,49 +133,14 @@ class PgWriter:
     https://www.postgresql.org/docs/current/subxacts.html.)"""
 
     def __init__(self, url: str) -> None:
+        super().__init__("funnelgate-pg-writer")
         self._url = url
-        self._db: PgConnection | None = None
-        self._queue: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
-        self.failing = False
-        self._thread = threading.Thread(target=self._loop, name="funnelgate-pg-writer", daemon=True)
+        self._db: PgConnection | None = None  # connected on the first batch
         self._thread.start()
 
-    def submit(self, job: Callable[[Any], T]) -> asyncio.Future[T]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((job, loop, future))
-        return future
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+    def _close_connection(self) -> None:
         if self._db is not None:
             self._db.close()
-
-    def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < MAX_JOBS_PER_COMMIT:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-            if stop:
-                return
 
     def _connection(self) -> PgConnection:
         if self._db is None or self._db.broken:
@@ -287,9 +251,15 @@ class _JobFailed(Exception):
     """A job raised: the batch runs again, one job per transaction."""
 
 
+class _Stale(psycopg.OperationalError):
+    """A pooled connection turned out dead when used."""
+
+
 class Readers:
     """Reads on pooled connections, in worker threads: the event loop never waits on the
-    network. A dead connection is replaced by the pool (`check`)."""
+    network. A connection the server ended while it sat in the pool (a restart) is found
+    when a read uses it: the read runs again on another (reads change nothing), and the pool
+    replaces the dead one. (Not a check before every read: a round trip each.)"""
 
     def __init__(self, url: str) -> None:
         self._pool = ConnectionPool(
@@ -298,7 +268,6 @@ class Readers:
             max_size=READERS,
             kwargs=_options(url),
             timeout=READ_WAIT_SECONDS,
-            check=ConnectionPool.check_connection,
             open=False,
             name="funnelgate-readers",
         )
@@ -310,8 +279,21 @@ class Readers:
             return await asyncio.to_thread(self.read_now, job)
 
     def read_now(self, job: Callable[[Any], T]) -> T:
+        for _ in range(READERS):  # each pooled connection may be one the server ended
+            try:
+                return self._once(job)
+            except _Stale:
+                continue
+        return self._once(job)
+
+    def _once(self, job: Callable[[Any], T]) -> T:
         with self._pool.connection() as raw:
-            return job(PgConnection(raw))
+            try:
+                return job(PgConnection(raw))
+            except psycopg.OperationalError as exc:
+                if raw.broken:
+                    raise _Stale from exc
+                raise
 
     def close(self) -> None:
         self._pool.close()

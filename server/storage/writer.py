@@ -63,26 +63,22 @@ def into_wal(db: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
-class Writer:
-    def __init__(self, path: Path) -> None:
-        self._db = connect(path)
-        # Writers of several processes (serve --workers N) take turns through this lock: SQLite
-        # has no queue for its write lock, and a writer that finds it taken sleeps and retries,
-        # so two busy processes would wait on each other's polls (p99 of seconds, README).
-        self._turn = os.open(path.with_name(path.name + "-writer.lock"), os.O_RDWR | os.O_CREAT,
-                             0o600)  # fmt: skip
-        self._queue: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
-        # The last transaction failed as a whole (the disk, or the lock held too long); the next
-        # that commits clears it. Read by the readiness probe, at no cost to writes.
-        self.failing = False
-        self._thread = threading.Thread(target=self._loop, name="funnelgate-writer", daemon=True)
-        self._thread.start()
+class GroupCommit:
+    """A thread that owns a write connection and commits the jobs waiting in batches; each
+    backend's writer says how a batch commits (`_commit`) and how its connection closes."""
 
-    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """`job(connection)`'s result, once the transaction that ran it is on disk."""
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
+        # The last transaction failed as a whole (the disk, the lock held too long, the server
+        # gone); the next that commits clears it. Read by the readiness probe, at no cost.
+        self.failing = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    async def run(self, job: Callable[[Any], T]) -> T:
+        """`job(connection)`'s result, once the transaction that ran it is committed."""
         return await self.submit(job)
 
-    def submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(self, job: Callable[[Any], T]) -> asyncio.Future[T]:
         """The same, as a future (for callers that settle others' futures from it)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -99,8 +95,13 @@ class Writer:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
-        self._db.close()
-        os.close(self._turn)
+        self._close_connection()
+
+    def _close_connection(self) -> None:
+        raise NotImplementedError
+
+    def _commit(self, batch: list[Waiting]) -> None:
+        raise NotImplementedError
 
     def _loop(self) -> None:
         while True:
@@ -121,6 +122,25 @@ class Writer:
             self._commit(batch)
             if stop:
                 return
+
+
+class Writer(GroupCommit):
+    """SQLite's: each job in a SAVEPOINT of the batch's transaction, so a job that raises is
+    rolled back alone."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("funnelgate-writer")
+        self._db = connect(path)
+        # Writers of several processes (serve --workers N) take turns through this lock: SQLite
+        # has no queue for its write lock, and a writer that finds it taken sleeps and retries,
+        # so two busy processes would wait on each other's polls (p99 of seconds, README).
+        self._turn = os.open(path.with_name(path.name + "-writer.lock"), os.O_RDWR | os.O_CREAT,
+                             0o600)  # fmt: skip
+        self._thread.start()
+
+    def _close_connection(self) -> None:
+        self._db.close()
+        os.close(self._turn)
 
     def _commit(self, batch: list[Waiting]) -> None:
         outcomes: list[Outcome] = []
