@@ -5,10 +5,13 @@ https://docs.useparagon.com/apis/api-reference/multi-account-authorization): eac
 (a UUID), an optional external id (`ext:<id>`) and label, one is the user's default, and its
 status turns `invalid` when Meta refuses its token.
 
-One SQLite file in WAL mode: the CLI writes while the server reads. Lookups are an index read
-and one AES-GCM open (microseconds), so the server calls them directly on the event loop.
+The CLI writes (`CredentialStore`, a connection of its own) while servers read (`Credentials`,
+through the server's database: on SQLite an index read on the loop, on PostgreSQL a pooled
+read off it), every call: a credential set on any host is used by every instance's next call.
+On PostgreSQL the store's write transactions take turns under an advisory lock, as BEGIN
+IMMEDIATE makes them on SQLite.
 
-Every file of the database (main, `-wal`, `-shm`) is 0600 from creation: the main file is made
+Every file of a SQLite database (main, `-wal`, `-shm`) is 0600 from creation: the main file is made
 0600 before SQLite opens it, and SQLite gives its `-wal` and `-shm` the main file's mode
 (https://www.sqlite.org/tempfiles.html names the files; os_unix.c's findCreateFileMode copies
 the mode). Tokens are sealed with the newest configured key (`crypto.py`); `secure_delete`

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeGuard, TypeVar
 
 import psycopg
 
+from server.config import POSTGRES_SCHEMES
 from server.storage import postgres
 from server.storage.postgres import PgConnection
 from server.storage.writer import Writer, connect
@@ -33,7 +34,7 @@ def is_postgres(db: Connection) -> bool:
 
 
 def is_postgres_url(url: str | None) -> TypeGuard[str]:
-    return url is not None and url.startswith(("postgresql://", "postgres://"))
+    return url is not None and url.startswith(POSTGRES_SCHEMES)
 
 
 class Database(Protocol):
