@@ -614,9 +614,11 @@ def test_write_uses_only_moves_forward(storage: StorageSettings, store: Credenti
     assert abs(used.last_used_at - time.time()) < 60
 
 
-def test_instances_writing_last_uses_at_once_never_deadlock(storage, store):
-    """Each instance writes the last uses it saw (once a minute), in its own order."""
-    ids = [store.set(PROJECT, f"user-{n}", "EAAB-x")[0].id for n in range(20)]
+def at_once(
+    storage: StorageSettings, write: Callable[[Connection, random.Random, int], None]
+) -> None:
+    """Two instances, each on its own connection, each running `write` for rounds 1 to 20,
+    one transaction each, with its own order of rows, at the same moment; no error on either."""
     errors: list[BaseException] = []
     start = threading.Barrier(2)
 
@@ -625,9 +627,9 @@ def test_instances_writing_last_uses_at_once_never_deadlock(storage, store):
         try:
             with closing(connect_sync(storage.database_path, storage.url)) as connection:
                 start.wait(5)
-                for at in range(1, 21):
+                for round_ in range(1, 21):
                     connection.execute("BEGIN IMMEDIATE")
-                    write_uses(connection, [(at, PROJECT, i) for i in order.sample(ids, len(ids))])
+                    write(connection, order, round_)
                     connection.execute("COMMIT")
         except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
@@ -638,6 +640,16 @@ def test_instances_writing_last_uses_at_once_never_deadlock(storage, store):
     for thread in threads:
         thread.join(60)
     assert errors == []
+
+
+def test_instances_writing_last_uses_at_once_never_deadlock(storage, store):
+    """Each instance writes the last uses it saw (once a minute), in its own order."""
+    ids = [store.set(PROJECT, f"user-{n}", "EAAB-x")[0].id for n in range(20)]
+
+    def write(connection: Connection, order: random.Random, at: int) -> None:
+        write_uses(connection, [(at, PROJECT, i) for i in order.sample(ids, len(ids))])
+
+    at_once(storage, write)
     assert {c.last_used_at for c in store.list(PROJECT)} == {20}
 
 
@@ -751,28 +763,12 @@ def test_instances_adding_to_the_same_minutes_at_once_never_deadlock(storage, db
     """Every instance flushes its counters (server/tally.py), each in its own order: all of
     them add up, none is lost to a deadlock between two instances' transactions."""
     keys = [(1_795_000_020, PROJECT, f"{n:015}", "Purchase") for n in range(20)]
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
 
-    def instance(seed: int) -> None:
-        order = random.Random(seed)
-        try:
-            with closing(connect_sync(storage.database_path, storage.url)) as connection:
-                start.wait(5)
-                for _ in range(20):
-                    shuffled = order.sample(keys, len(keys))
-                    connection.execute("BEGIN IMMEDIATE")
-                    minutes.add(connection, {k: counts(1) for k in shuffled}, {}, {})
-                    connection.execute("COMMIT")
-        except BaseException as exc:  # reported by the assertion below
-            errors.append(exc)
+    def write(connection: Connection, order: random.Random, _: int) -> None:
+        shuffled = order.sample(keys, len(keys))
+        minutes.add(connection, {k: counts(1) for k in shuffled}, {}, {})
 
-    threads = [threading.Thread(target=instance, args=(seed,)) for seed in (1, 2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    at_once(storage, write)
     assert minutes.series(db, 0, 2**40) == [(1_795_000_020, 800, 0, 0, 0)]
 
 
