@@ -25,22 +25,21 @@ Version 1 held one sealed token per user; each becomes its user's default creden
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from server.config import Project, StorageSettings
-from server.errors import ConfigError, StorageUnavailable
-from server.logs import log
+from server.errors import ConfigError
 from server.permissions import canonical_id
 from server.storage import postgres, schema_pg
 from server.storage.crypto import NO_KEY_HINT, Keyring
@@ -51,6 +50,7 @@ from server.storage.database import (
     conditions,
     first_line,
     is_postgres,
+    read_for_caller,
 )
 from server.storage.outbox import tie_to_credentials
 from server.storage.writer import BUSY_TIMEOUT_MS, into_wal
@@ -211,23 +211,17 @@ class Credentials:
     async def find(
         self, project_id: str, user_id: str, selector: str | None = None
     ) -> Credential | None:
-        return await self._read(lambda db: find(db, project_id, user_id, selector))
+        job = partial(find, project_id=project_id, user_id=user_id, selector=selector)
+        return await read_for_caller(self._database, job)
 
     async def by_id(self, project_id: str, credential_id: str) -> Credential | None:
-        return await self._read(lambda db: by_id(db, project_id, credential_id))
-
-    async def _read(self, job: Callable[[Connection], Credential | None]) -> Credential | None:
-        try:
-            return await self._database.read(job)
-        except ERRORS as exc:
-            log("storage_read_failed", logging.ERROR, error=type(exc).__name__)
-            raise StorageUnavailable(reading=True) from None
+        job = partial(by_id, project_id=project_id, credential_id=credential_id)
+        return await read_for_caller(self._database, job)
 
     def open(self, project_id: str, credential: Credential) -> str:
         """The credential's access token, and a use of it (written by `write_uses`)."""
         self._used[(project_id, credential.id)] = int(time.time())
-        context = _context(project_id, credential.user_id)
-        return self._keyring.open(credential.key_id, credential.sealed_token, context).decode()
+        return _opened(self._keyring, project_id, credential)
 
     async def token_of(self, project: Project, credential_id: str | None) -> str | None:
         """The token events accepted for `credential_id` go with now (None: the project's);
@@ -267,8 +261,7 @@ class CredentialStore:
 
     def open(self, project_id: str, credential: Credential) -> str:
         """The credential's access token (reading it here is not a use)."""
-        context = _context(project_id, credential.user_id)
-        return self._keyring.open(credential.key_id, credential.sealed_token, context).decode()
+        return _opened(self._keyring, project_id, credential)
 
     def get(self, project_id: str, user_id: str) -> str | None:
         """The token of the user's default credential."""
@@ -534,6 +527,12 @@ def write_uses(db: Connection, uses: Uses) -> None:
             for at, project_id, credential_id in sorted(uses, key=lambda use: use[1:])
         ],
     )
+
+
+def _opened(keyring: Keyring, project_id: str, credential: Credential) -> str:
+    """The access token `credential` seals."""
+    context = _context(project_id, credential.user_id)
+    return keyring.open(credential.key_id, credential.sealed_token, context).decode()
 
 
 def _context(project_id: str, user_id: str) -> bytes:

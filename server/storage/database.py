@@ -10,6 +10,7 @@ which dialect it is on where they differ.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, Protocol, TypeGuard, TypeVar
 import psycopg
 
 from server.config import POSTGRES_SCHEMES
+from server.errors import StorageUnavailable
+from server.logs import log
 from server.storage import postgres
 from server.storage.postgres import PgConnection
 from server.storage.writer import Writer, connect
@@ -151,6 +154,16 @@ def open_database(path: Path, url: str | None) -> SqliteDatabase | PostgresDatab
 def connect_sync(path: Path, url: str | None) -> Connection:
     """A connection of its own (the CLI): autocommit, transactions are the caller's BEGINs."""
     return postgres.connect(url) if is_postgres_url(url) else connect(path)
+
+
+async def read_for_caller(database: Database, job: Callable[[Connection], T]) -> T:
+    """A read a caller waits on: the backend's failure becomes the documented 503
+    STORAGE_UNAVAILABLE (logged by its type only)."""
+    try:
+        return await database.read(job)
+    except ERRORS as exc:
+        log("storage_read_failed", logging.ERROR, error=type(exc).__name__)
+        raise StorageUnavailable(reading=True) from None
 
 
 def conditions(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:

@@ -42,6 +42,7 @@ from server.storage.database import (
     SqliteDatabase,
     conditions,
     is_postgres,
+    read_for_caller,
 )
 from server.storage.postgres import OUTBOX_CHANNEL
 from server.storage.writer import PRUNE_BATCH
@@ -699,11 +700,7 @@ class Outbox:
     async def read(self, job: Callable[[Connection], T]) -> T:
         """A read: on SQLite on the loop (only primary-key and index lookups belong here), on
         PostgreSQL in a worker thread."""
-        try:
-            return await self.database.read(job)
-        except ERRORS as exc:
-            log("storage_read_failed", logging.ERROR, error=type(exc).__name__)
-            raise StorageUnavailable(reading=True) from None
+        return await read_for_caller(self.database, job)
 
     def read_now(self, job: Callable[[Connection], T]) -> T:
         """A read in the caller's thread, off the loop (the CLI, tests)."""
